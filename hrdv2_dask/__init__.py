@@ -1,0 +1,58 @@
+"""hrdv2-dask: dense, pixel-level DINOv2 features for images of any size.
+
+The core works on batches of images in memory::
+
+    import hrdv2_dask as hd
+    backbone = hd.load_backbone("dinov2_vits14")
+    feats = hd.highres_features(hd.normalize(image), backbone, hd.shifts((1, 2)))
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
+from .ensemble import highres_features, output_shape
+from .errors import (
+    ConfigError,
+    Hrdv2Error,
+    IncompleteStoreError,
+    InputError,
+    SourceNotFoundError,
+    StoreError,
+    WeightsFormatError,
+    WeightsNotFoundError,
+)
+from .preprocess import normalize
+from .transforms import Compose, Flip, Rotate, Shift, TransformSet, combine, flips, rotations, shifts
+
+try:
+    __version__ = version("hrdv2-dask")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0+unknown"
+
+__all__ = [
+    "Backbone",
+    "Compose",
+    "ConfigError",
+    "Flip",
+    "Hrdv2Error",
+    "IncompleteStoreError",
+    "InputError",
+    "MeanPool",
+    "RandomWeightsWarning",
+    "Rotate",
+    "Shift",
+    "SourceNotFoundError",
+    "StoreError",
+    "TransformSet",
+    "WeightsFormatError",
+    "WeightsNotFoundError",
+    "__version__",
+    "combine",
+    "flips",
+    "highres_features",
+    "load_backbone",
+    "normalize",
+    "output_shape",
+    "rotations",
+    "shifts",
+]

@@ -1,0 +1,398 @@
+"""Backbones: timm ViTs that return dense patch tokens, and a mean-pool stand-in for tests.
+
+A *backbone* is anything with ``patch_size``, ``stride`` and ``embed_dim`` attributes whose call
+maps an already-normalised batch ``(B, 3, H, W)`` to patch features ``(B, C, h, w)`` with
+``h = (H - patch_size) // stride + 1``: feature ``i`` describes pixels
+``[i * stride, i * stride + patch_size)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError, InputError
+
+__all__ = [
+    "Backbone",
+    "MeanPool",
+    "ModelSpec",
+    "RandomWeightsWarning",
+    "load_backbone",
+    "model_spec",
+    "official_pos_embed",
+]
+
+log = logging.getLogger(__name__)
+
+
+class RandomWeightsWarning(UserWarning):
+    """A backbone runs with random weights: its features mean nothing."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a named model comes from.
+
+    Parameters
+    ----------
+    timm_name : str
+        timm architecture name, e.g. ``"vit_small_patch14_dinov2"``.
+    hub_name : str or None
+        Official torch-hub name, e.g. ``"dinov2_vits14"``.
+    official_file : str or None
+        File name of the official facebookresearch checkpoint.
+    official_url : str or None
+        Where that checkpoint is published.
+    timm_repo : str or None
+        Hugging Face repository holding timm weights.
+    hf_repo : str or None
+        Hugging Face repository holding transformers weights.
+    """
+
+    timm_name: str
+    hub_name: str | None = None
+    official_file: str | None = None
+    official_url: str | None = None
+    timm_repo: str | None = None
+    hf_repo: str | None = None
+
+
+_DINOV2_URL = "https://dl.fbaipublicfiles.com/dinov2"
+_DINOV2_SIZES = {"s": "small", "b": "base", "l": "large", "g": "giant"}
+
+
+def _dinov2_specs() -> dict[str, ModelSpec]:
+    specs = {}
+    for letter, size in _DINOV2_SIZES.items():
+        for reg in (False, True):
+            hub = f"dinov2_vit{letter}14" + ("_reg" if reg else "")
+            timm_name = f"vit_{size}_patch14_" + ("reg4_" if reg else "") + "dinov2"
+            fname = f"dinov2_vit{letter}14" + ("_reg4" if reg else "") + "_pretrain.pth"
+            hf = "facebook/dinov2-" + ("with-registers-" if reg else "") + size
+            specs[hub] = ModelSpec(
+                timm_name=timm_name,
+                hub_name=hub,
+                official_file=fname,
+                official_url=f"{_DINOV2_URL}/dinov2_vit{letter}14/{fname}",
+                timm_repo=f"timm/{timm_name}.lvd142m",
+                hf_repo=hf,
+            )
+    return specs
+
+
+def _dinov3_specs() -> dict[str, ModelSpec]:
+    names = {
+        "dinov3_vits16": "vit_small_patch16_dinov3",
+        "dinov3_vits16plus": "vit_small_plus_patch16_dinov3",
+        "dinov3_vitb16": "vit_base_patch16_dinov3",
+        "dinov3_vitl16": "vit_large_patch16_dinov3",
+        "dinov3_vith16plus": "vit_huge_plus_patch16_dinov3",
+        "dinov3_vit7b16": "vit_7b_patch16_dinov3",
+    }
+    return {
+        hub: ModelSpec(timm_name=t, hub_name=hub, timm_repo=f"timm/{t}.lvd1689m")
+        for hub, t in names.items()
+    }
+
+
+MODELS: dict[str, ModelSpec] = {**_dinov2_specs(), **_dinov3_specs()}
+
+
+def model_spec(name: str) -> ModelSpec:
+    """Resolve an official hub name or a timm name to a :class:`ModelSpec`.
+
+    >>> model_spec("dinov2_vits14").timm_name
+    'vit_small_patch14_dinov2'
+    >>> model_spec("vit_base_patch14_reg4_dinov2").hub_name
+    'dinov2_vitb14_reg'
+    """
+    if name in MODELS:
+        return MODELS[name]
+    base = name.split(".")[0]
+    for spec in MODELS.values():
+        if spec.timm_name == base:
+            return spec
+    import timm
+
+    if not timm.is_model(base):
+        known = ", ".join(sorted(MODELS))
+        raise ConfigError(
+            f"Unknown backbone {name!r}. Use an official name ({known}) or any timm ViT name "
+            "(see timm.list_models('vit_*'))."
+        )
+    return ModelSpec(timm_name=base)
+
+
+def official_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Resample square patch position embeddings to ``grid`` with the official DINOv2 rule.
+
+    Bicubic, no antialiasing, with the scale factor ``(n + 0.1) / M`` rather than the output
+    size (the "historical kludge" of the official code), computed in float32. The embeddings are
+    returned unchanged when the grid is the native square one.
+
+    Parameters
+    ----------
+    pos_embed : torch.Tensor
+        ``(1, M * M, D)`` embeddings of the patch positions (no class token).
+    grid : tuple of int
+        Target ``(h, w)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(1, h * w, D)`` in the dtype of ``pos_embed``.
+    """
+    n_pos, dim = pos_embed.shape[1:]
+    m = math.isqrt(n_pos)
+    if m * m != n_pos:
+        raise ConfigError(f"Position embeddings must form a square grid, got {n_pos} positions.")
+    h, w = grid
+    if h == m and w == m:
+        return pos_embed
+    scale = ((h + 0.1) / m, (w + 0.1) / m)
+    grid_embed = pos_embed.float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+    out = F.interpolate(
+        grid_embed, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False
+    )
+    if tuple(out.shape[-2:]) != (h, w):  # pragma: no cover - guarded by the 0.1 offset
+        raise RuntimeError(f"Position embedding resampling gave {tuple(out.shape[-2:])}, not {grid}.")
+    return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
+
+
+def grid_size(n_px: int, patch_size: int, stride: int) -> int:
+    """Number of patches along an axis of ``n_px`` pixels.
+
+    >>> grid_size(518, 14, 14), grid_size(518, 14, 7)
+    (37, 73)
+    """
+    return (n_px - patch_size) // stride + 1
+
+
+def valid_size(n_px: int, patch_size: int, stride: int) -> int:
+    """Smallest size ``>= n_px`` that the patch grid covers exactly (``(n - P) % S == 0``).
+
+    >>> valid_size(500, 14, 14), valid_size(518, 14, 7), valid_size(3, 14, 14)
+    (504, 518, 14)
+    """
+    if n_px <= patch_size:
+        return patch_size
+    return patch_size + -(-(n_px - patch_size) // stride) * stride
+
+
+def _check_input(x: torch.Tensor, patch_size: int, stride: int) -> None:
+    if x.dim() != 4:
+        raise InputError(f"Backbones take a batch (B, C, H, W); got a tensor of shape {tuple(x.shape)}.")
+    h, w = x.shape[-2:]
+    for n in (h, w):
+        if n < patch_size or (n - patch_size) % stride:
+            raise InputError(
+                f"Input of size {h}x{w} does not fit the patch grid (patch {patch_size}, stride "
+                f"{stride}): each side must be {patch_size} + k*{stride}. Pad it to "
+                f"{valid_size(h, patch_size, stride)}x{valid_size(w, patch_size, stride)} "
+                "(highres_features does this for you)."
+            )
+
+
+class Backbone(nn.Module):
+    """A timm ViT that returns its final-norm patch tokens as a feature map.
+
+    The call runs the model on exactly the tensor given (no normalisation inside) and returns
+    ``(B, embed_dim, h, w)`` without class and register tokens. Absolute position embeddings are
+    resampled with the official DINOv2 rule (:func:`official_pos_embed`) for any input size and
+    for a patch-embedding ``stride`` smaller than the patch size (the stride trick).
+
+    Parameters
+    ----------
+    model : timm.models.VisionTransformer or timm.models.Eva
+        The timm model, weights loaded.
+    name : str
+        Model name, recorded in outputs.
+    stride : int, optional
+        Patch-embedding stride; must divide the patch size. Defaults to the patch size.
+    weights_origin : str, optional
+        Where the weights came from ("random", a path, a cache, a URL), recorded in outputs.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, name: str, stride: int | None = None, weights_origin: str = ""
+    ) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.name = name
+        self.weights_origin = weights_origin
+        patch = model.patch_embed.patch_size
+        self.patch_size = int(patch[0] if isinstance(patch, tuple | list) else patch)
+        self.stride = self.patch_size if stride is None else int(stride)
+        if self.stride < 1 or self.patch_size % self.stride:
+            raise ConfigError(
+                f"stride must divide the patch size {self.patch_size}, got {stride!r} "
+                f"(try {self.patch_size // 2})."
+            )
+        self.embed_dim = int(model.embed_dim)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._uses_rope = getattr(model, "pos_embed", None) is None
+        if self._uses_rope and self.stride != self.patch_size:
+            raise ConfigError(
+                f"{name} uses rotary position embeddings; the stride trick (stride={stride}) is "
+                "only implemented for absolute position embeddings (DINOv2 and most timm ViTs)."
+            )
+
+    @property
+    def random_weights(self) -> bool:
+        return self.weights_origin == "random"
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def extra_repr(self) -> str:
+        return (
+            f"name={self.name!r}, patch_size={self.patch_size}, stride={self.stride}, "
+            f"embed_dim={self.embed_dim}, weights={self.weights_origin!r}"
+        )
+
+    def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch-embed ``x`` and add prefix tokens and position embeddings."""
+        m = self.model
+        proj = m.patch_embed.proj
+        t = F.conv2d(x, proj.weight, proj.bias, stride=self.stride)
+        grid = (t.shape[-2], t.shape[-1])
+        t = m.patch_embed.norm(t.flatten(2).transpose(1, 2))
+        b = t.shape[0]
+        prefix = []
+        if m.cls_token is not None:
+            prefix.append(m.cls_token.expand(b, -1, -1))
+        if getattr(m, "reg_token", None) is not None:
+            prefix.append(m.reg_token.expand(b, -1, -1))
+        pos = m.pos_embed
+        # timm folds the class-token position into cls_token for register models
+        # (no_embed_class); otherwise pos_embed starts with one entry per prefix token.
+        n_pre = 0 if m.no_embed_class else int(m.num_prefix_tokens)
+        patch_pos = official_pos_embed(pos[:, n_pre:], grid)
+        if n_pre:
+            t = torch.cat(prefix + [t], dim=1) + torch.cat([pos[:, :n_pre], patch_pos], dim=1)
+        else:
+            t = torch.cat(prefix + [t + patch_pos], dim=1)
+        return t, grid
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.patch_size, self.stride)
+        if self._uses_rope:
+            tokens = self.model.forward_features(x)
+            grid = (x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size)
+        else:
+            m = self.model
+            tokens, grid = self._tokens(x)
+            tokens = m.norm_pre(tokens)
+            for block in m.blocks:
+                tokens = block(tokens)
+            tokens = m.norm(tokens)
+        patches = tokens[:, self.num_prefix_tokens :]
+        return patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
+
+
+class MeanPool(nn.Module):
+    """A backbone whose features are the means of the patch windows.
+
+    Linear and exactly centred, so a linear ramp goes through the whole HR-Dv2 ensemble
+    unchanged: the reference for geometry tests.
+
+    Parameters
+    ----------
+    patch_size : int, optional
+    stride : int, optional
+        Must divide ``patch_size``.
+
+    Examples
+    --------
+    >>> mp = MeanPool(14, 7)
+    >>> mp(torch.zeros(1, 3, 28, 42)).shape
+    torch.Size([1, 3, 3, 5])
+    """
+
+    def __init__(self, patch_size: int = 14, stride: int = 14, *, channels: int = 3) -> None:
+        super().__init__()
+        if stride < 1 or patch_size % stride:
+            raise ConfigError(f"stride must divide patch_size={patch_size}, got {stride!r}.")
+        self.patch_size = patch_size
+        self.stride = stride
+        self.embed_dim = channels
+        self.name = f"meanpool_p{patch_size}_s{stride}"
+        self.weights_origin = "none (mean pooling)"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_input(x, self.patch_size, self.stride)
+        return F.avg_pool2d(x, kernel_size=self.patch_size, stride=self.stride)
+
+
+def load_backbone(
+    name: str,
+    weights: str | None = None,
+    stride: int | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    download: bool = True,
+    **overrides,
+) -> Backbone:
+    """Build a backbone from timm and load its weights.
+
+    Parameters
+    ----------
+    name : str
+        Official hub name (``"dinov2_vits14"``, ``"dinov2_vitb14_reg"``, ``"dinov3_vits16"``...)
+        or a timm model name (``"vit_small_patch14_dinov2"``...).
+    weights : str or os.PathLike, optional
+        A checkpoint file (official ``.pth``, timm ``.safetensors``/``.pth``, or Hugging Face
+        ``Dinov2Model`` ``.safetensors``), or ``"random"`` for random weights (testing only;
+        warns loudly). ``None`` looks in the torch-hub and Hugging Face caches and then
+        downloads (when ``download``).
+    stride : int, optional
+        Patch-embedding stride (the stride trick); must divide the patch size.
+    device : str or torch.device, optional
+    download : bool, optional
+        Allow downloading weights when they are not cached.
+    **overrides
+        Passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64, num_heads=4`` for tiny
+        test models).
+
+    Returns
+    -------
+    Backbone
+
+    Raises
+    ------
+    WeightsNotFoundError
+        No weights were found; the message lists where it looked and how to fix it.
+    WeightsFormatError
+        A checkpoint does not fit the architecture.
+    """
+    import timm
+
+    from .weights import load_state_dict, resolve_weights
+
+    spec = model_spec(name)
+    overrides.setdefault("dynamic_img_size", True)
+    try:
+        model = timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **overrides)
+    except TypeError as err:
+        raise ConfigError(f"Cannot build {spec.timm_name!r} with {overrides!r}: {err}") from err
+    if weights is not None and str(weights) == "random":
+        origin = "random"
+        msg = (
+            f"{name} is running with RANDOM WEIGHTS: its features are meaningless. "
+            "Pass weights=PATH to a checkpoint for real features."
+        )
+        log.warning(msg)
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+    else:
+        path, origin = resolve_weights(spec, weights, download=download)
+        load_state_dict(model, path)
+    backbone = Backbone(model, name=name, stride=stride, weights_origin=origin)
+    return backbone.to(device)

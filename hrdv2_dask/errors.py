@@ -1,0 +1,51 @@
+"""Exception hierarchy.
+
+Every error raised on purpose by hrdv2_dask derives from :class:`Hrdv2Error` and from the
+builtin that describes its failure class, so ``except ValueError`` keeps working for callers who
+do not know this package. Messages say what failed, show the offending value and give the fix.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "Hrdv2Error",
+    "ConfigError",
+    "InputError",
+    "WeightsNotFoundError",
+    "WeightsFormatError",
+    "StoreError",
+    "IncompleteStoreError",
+    "SourceNotFoundError",
+]
+
+
+class Hrdv2Error(Exception):
+    """Base class of every error raised on purpose by hrdv2_dask."""
+
+
+class ConfigError(Hrdv2Error, ValueError):
+    """An option or a combination of options is invalid."""
+
+
+class InputError(Hrdv2Error, ValueError):
+    """An input image (array or file) cannot be used: wrong shape, dtype, values or format."""
+
+
+class WeightsNotFoundError(Hrdv2Error, FileNotFoundError):
+    """No weights for a backbone were found in any of the places looked in."""
+
+
+class WeightsFormatError(Hrdv2Error, ValueError):
+    """A checkpoint file exists but does not match the requested architecture or any known format."""
+
+
+class StoreError(Hrdv2Error, ValueError):
+    """A feature store cannot be created, opened or resumed."""
+
+
+class IncompleteStoreError(StoreError):
+    """A feature store exists but its run did not complete."""
+
+
+class SourceNotFoundError(Hrdv2Error, FileNotFoundError):
+    """An input path does not exist."""
