@@ -22,7 +22,17 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .preprocess import normalize
-from .transforms import Compose, Flip, Rotate, Shift, TransformSet, combine, flips, rotations, shifts
+from .transforms import (
+    Compose,
+    Flip,
+    Rotate,
+    Shift,
+    TransformSet,
+    combine,
+    flips,
+    rotations,
+    shifts,
+)
 
 try:
     __version__ = version("hrdv2-dask")

@@ -162,7 +162,9 @@ def official_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int]) -> torch.
         grid_embed, scale_factor=scale, mode="bicubic", align_corners=False, antialias=False
     )
     if tuple(out.shape[-2:]) != (h, w):  # pragma: no cover - guarded by the 0.1 offset
-        raise RuntimeError(f"Position embedding resampling gave {tuple(out.shape[-2:])}, not {grid}.")
+        raise RuntimeError(
+            f"Position embedding resampling gave {tuple(out.shape[-2:])}, not {grid}."
+        )
     return out.permute(0, 2, 3, 1).reshape(1, h * w, dim).to(pos_embed.dtype)
 
 
@@ -188,7 +190,9 @@ def valid_size(n_px: int, patch_size: int, stride: int) -> int:
 
 def _check_input(x: torch.Tensor, patch_size: int, stride: int) -> None:
     if x.dim() != 4:
-        raise InputError(f"Backbones take a batch (B, C, H, W); got a tensor of shape {tuple(x.shape)}.")
+        raise InputError(
+            f"Backbones take a batch (B, C, H, W); got a tensor of shape {tuple(x.shape)}."
+        )
     h, w = x.shape[-2:]
     for n in (h, w):
         if n < patch_size or (n - patch_size) % stride:

@@ -167,7 +167,8 @@ def highres_features(
     out_stride : int, optional
         Pixels per output cell; 1 gives one feature per pixel.
     batch_size : int, optional
-        Transformed images per backbone call (default: the number of transforms).
+        Transformed images per backbone call. Default: all transforms of an image in one call on
+        CUDA; at most 4 on CPU, where bigger batches run slower per image.
 
     Returns
     -------
@@ -197,9 +198,8 @@ def highres_features(
         )
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size!r}.")
-    batch_size = batch_size or len(tset)
-
     device = _device_of(backbone, batch)
+    batch_size = batch_size or (len(tset) if device.type == "cuda" else min(len(tset), 4))
     n, _, h, w = batch.shape
     padded = (valid_size(h, patch, stride), valid_size(w, patch, stride))
     out_hw = output_shape((h, w), out_stride)
@@ -221,10 +221,16 @@ def highres_features(
     out = None
     acc = None
     # Work items in order of image, then output shape of the transform, so batches are uniform.
-    items = sorted(((b, v) for b in range(n) for v in range(len(views))), key=lambda i: (i[0], views[i[1]][1]))
+    items = sorted(
+        ((b, v) for b in range(n) for v in range(len(views))), key=lambda i: (i[0], views[i[1]][1])
+    )
     chunks: list[list[tuple[int, int]]] = []
     for item in items:
-        if chunks and len(chunks[-1]) < batch_size and views[chunks[-1][-1][1]][1] == views[item[1]][1]:
+        if (
+            chunks
+            and len(chunks[-1]) < batch_size
+            and views[chunks[-1][-1][1]][1] == views[item[1]][1]
+        ):
             chunks[-1].append(item)
         else:
             chunks.append([item])

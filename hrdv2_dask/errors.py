@@ -36,7 +36,7 @@ class WeightsNotFoundError(Hrdv2Error, FileNotFoundError):
 
 
 class WeightsFormatError(Hrdv2Error, ValueError):
-    """A checkpoint file exists but does not match the requested architecture or any known format."""
+    """A checkpoint exists but fits neither the requested architecture nor a known format."""
 
 
 class StoreError(Hrdv2Error, ValueError):

@@ -61,9 +61,7 @@ def _rgb(arr: np.ndarray) -> np.ndarray:
     return arr[..., :3]
 
 
-def normalize(
-    image: np.ndarray, *, value_range: tuple[float, float] | None = None
-) -> torch.Tensor:
+def normalize(image: np.ndarray, *, value_range: tuple[float, float] | None = None) -> torch.Tensor:
     """Normalise an image for a DINOv2 backbone.
 
     Parameters

@@ -133,7 +133,9 @@ class Shift(Transform):
             )
         for name, value in (("dy", self.dy), ("dx", self.dx)):
             if int(value) != value:
-                raise ConfigError(f"Shift {name} must be an integer number of pixels, got {value!r}.")
+                raise ConfigError(
+                    f"Shift {name} must be an integer number of pixels, got {value!r}."
+                )
 
     def apply(self, images: torch.Tensor) -> torch.Tensor:
         if self.dy == 0 and self.dx == 0:

@@ -51,7 +51,9 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]
     if not isinstance(sd, dict):
-        raise WeightsFormatError(f"Checkpoint {str(path)!r} holds a {type(sd).__name__}, not a state dict.")
+        raise WeightsFormatError(
+            f"Checkpoint {str(path)!r} holds a {type(sd).__name__}, not a state dict."
+        )
     return dict(sd)
 
 
@@ -163,11 +165,14 @@ def load_state_dict(model: nn.Module, path: str | os.PathLike) -> None:
         if wrong:
             details.append(
                 "shape mismatch "
-                + ", ".join(f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in wrong[:3])
+                + ", ".join(
+                    f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in wrong[:3]
+                )
             )
+        arch = f"embed_dim={getattr(model, 'embed_dim', '?')}, depth={len(model.blocks)}"
         raise WeightsFormatError(
-            f"Checkpoint {str(path)!r} does not fit {type(model).__name__} "
-            f"(embed_dim={getattr(model, 'embed_dim', '?')}, depth={len(getattr(model, 'blocks', []))}): "
+            f"Checkpoint {str(path)!r} does not fit {type(model).__name__} ({arch}): "
             + "; ".join(details)
             + ". Check that the model name matches the checkpoint (e.g. dinov2_vitb14 for a "
             "ViT-B/14 file, *_reg for register checkpoints)."
@@ -197,7 +202,9 @@ def _download(spec, tried: list[str]) -> tuple[str, str] | None:
             path = hf_hub_download(spec.timm_repo, "model.safetensors")
             return path, f"hf-hub:{spec.timm_repo}"
         except Exception as err:  # noqa: BLE001 - offline, gated, missing: all mean "not here"
-            tried.append(f"download from the Hugging Face hub ({spec.timm_repo}): {type(err).__name__}")
+            tried.append(
+                f"download from the Hugging Face hub ({spec.timm_repo}): {type(err).__name__}"
+            )
     if spec.official_url:
         try:
             target = _torch_hub_dir() / spec.official_file
@@ -209,7 +216,9 @@ def _download(spec, tried: list[str]) -> tuple[str, str] | None:
     return None
 
 
-def resolve_weights(spec, weights: str | os.PathLike | None, *, download: bool = True) -> tuple[str, str]:
+def resolve_weights(
+    spec, weights: str | os.PathLike | None, *, download: bool = True
+) -> tuple[str, str]:
     """Find the checkpoint for ``spec``.
 
     Returns

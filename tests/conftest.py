@@ -33,4 +33,6 @@ def tiny_random_dinov2():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         torch.manual_seed(0)
-        return hd.load_backbone("dinov2_vits14", weights="random", embed_dim=64, depth=2, num_heads=4)
+        return hd.load_backbone(
+            "dinov2_vits14", weights="random", embed_dim=64, depth=2, num_heads=4
+        )

@@ -34,8 +34,12 @@ def _images(shape, n=2, seed=0):
 
 @pytest.mark.parametrize("registers", [0, 4])
 def test_official_pth_matches_reference_at_any_size(tmp_path, registers):
-    sd = random_official_state_dict(**{k: TINY[k] for k in ("embed_dim", "depth")}, registers=registers, seed=2)
-    path = tmp_path / ("dinov2_vits14_reg4_pretrain.pth" if registers else "dinov2_vits14_pretrain.pth")
+    sd = random_official_state_dict(
+        **{k: TINY[k] for k in ("embed_dim", "depth")}, registers=registers, seed=2
+    )
+    path = tmp_path / (
+        "dinov2_vits14_reg4_pretrain.pth" if registers else "dinov2_vits14_pretrain.pth"
+    )
     torch.save(sd, path)
     name = "dinov2_vits14_reg" if registers else "dinov2_vits14"
     bb = hd.load_backbone(name, weights=path, **TINY)
@@ -78,7 +82,9 @@ def test_official_rule_differs_from_size_based_resampling():
     pos = torch.randn(1, 37 * 37, 8).cumsum(1) / 100  # smooth-ish
     ours = official_pos_embed(pos, (16, 20))
     grid = pos.reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
-    size_based = torch.nn.functional.interpolate(grid, size=(16, 20), mode="bicubic", antialias=True)
+    size_based = torch.nn.functional.interpolate(
+        grid, size=(16, 20), mode="bicubic", antialias=True
+    )
     size_based = size_based.permute(0, 2, 3, 1).reshape(1, -1, 8)
     assert rel_err(size_based, ours) > 1e-3
     assert official_pos_embed(pos, (37, 37)) is pos
@@ -102,8 +108,13 @@ def test_huggingface_dinov2model_safetensors(tmp_path, registers):
     transformers = pytest.importorskip("transformers")
     sd = random_official_state_dict(embed_dim=64, depth=2, registers=registers, seed=4)
     common = dict(
-        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-        image_size=518, patch_size=14, layer_norm_eps=1e-6,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        image_size=518,
+        patch_size=14,
+        layer_norm_eps=1e-6,
     )
     if registers:
         cfg = transformers.Dinov2WithRegistersConfig(num_register_tokens=registers, **common)
@@ -112,7 +123,10 @@ def test_huggingface_dinov2model_safetensors(tmp_path, registers):
         cfg, cls = transformers.Dinov2Config(**common), transformers.Dinov2Model
     # The file as published on the hub (classic key names), loaded by transformers itself.
     cfg.save_pretrained(tmp_path / "hf")
-    save_file({k: v.contiguous() for k, v in official_to_hf(sd).items()}, tmp_path / "hf" / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in official_to_hf(sd).items()},
+        tmp_path / "hf" / "model.safetensors",
+    )
     hf = cls.from_pretrained(tmp_path / "hf").eval()
     name = "dinov2_vits14_reg" if registers else "dinov2_vits14"
     bb = hd.load_backbone(name, weights=tmp_path / "hf" / "model.safetensors", **TINY)
@@ -176,7 +190,9 @@ def test_huggingface_cache_is_used(empty_caches, official_ckpt):
     snap.mkdir(parents=True)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("abc123")
-    save_file({k: v.contiguous() for k, v in src.model.state_dict().items()}, snap / "model.safetensors")
+    save_file(
+        {k: v.contiguous() for k, v in src.model.state_dict().items()}, snap / "model.safetensors"
+    )
     bb = hd.load_backbone("dinov2_vits14", download=False, **TINY)
     assert bb.weights_origin == "hf-cache:timm/vit_small_patch14_dinov2.lvd142m"
 
