@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import ast
-import importlib.util
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -62,14 +60,8 @@ def test_public_api():
 
 
 def test_ruff_clean():
-    ruff = shutil.which("ruff")
-    if ruff is None:
+    if importlib.util.find_spec("ruff") is None:
         pytest.skip("ruff not installed")
-    root = PKG.parent
-    res = subprocess.run(
-        [ruff, "check", "hrdv2_dask", "tests", "benchmarks"],
-        cwd=root,
-        capture_output=True,
-        text=True,
-    )
+    cmd = [sys.executable, "-m", "ruff", "check", "hrdv2_dask", "tests", "benchmarks"]
+    res = subprocess.run(cmd, cwd=PKG.parent, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
