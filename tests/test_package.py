@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ast
+import importlib.util
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
