@@ -7,8 +7,7 @@ The core works on batches of images in memory::
     feats = hd.highres_features(hd.normalize(image), backbone, hd.shifts((1, 2)))
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
+from ._version import __version__
 from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
 from .ensemble import highres_features, output_shape
 from .errors import (
@@ -21,6 +20,8 @@ from .errors import (
     WeightsFormatError,
     WeightsNotFoundError,
 )
+from .extract import extract
+from .io import ImageMeta, open_features, open_image
 from .preprocess import normalize
 from .transforms import (
     Compose,
@@ -33,11 +34,6 @@ from .transforms import (
     rotations,
     shifts,
 )
-
-try:
-    __version__ = version("hrdv2-dask")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0.0.0+unknown"
 
 __all__ = [
     "Backbone",
@@ -57,11 +53,15 @@ __all__ = [
     "WeightsFormatError",
     "WeightsNotFoundError",
     "__version__",
+    "ImageMeta",
     "combine",
+    "extract",
     "flips",
     "highres_features",
     "load_backbone",
     "normalize",
+    "open_features",
+    "open_image",
     "output_shape",
     "rotations",
     "shifts",

@@ -399,4 +399,5 @@ def load_backbone(
         path, origin = resolve_weights(spec, weights, download=download)
         load_state_dict(model, path)
     backbone = Backbone(model, name=name, stride=stride, weights_origin=origin)
+    backbone.weights_path = None if origin == "random" else path
     return backbone.to(device)

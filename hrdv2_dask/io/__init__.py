@@ -5,5 +5,6 @@ OME-TIFF, SVS, PNG, JPEG and ``.npy`` files as well as numpy and dask arrays.
 """
 
 from .readers import ImageMeta, OpenedImage, open_image
+from .store import open_features
 
-__all__ = ["ImageMeta", "OpenedImage", "open_image"]
+__all__ = ["ImageMeta", "OpenedImage", "open_features", "open_image"]

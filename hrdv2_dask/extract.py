@@ -1,0 +1,337 @@
+"""``extract``: high-resolution features of an image of any size into a Zarr store."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ._version import __version__
+from .backbones import RandomWeightsWarning, load_backbone, model_spec
+from .cluster import cluster_client, resolve_device
+from .errors import ConfigError, InputError
+from .graph import BackboneRecipe, BlockPlan, SourceReader, block_windows_count, build_tasks
+from .io.readers import open_image
+from .io.store import RunStore, open_features
+from .tiling import plan_tiles
+from .transforms import Transform, TransformSet, shifts
+
+__all__ = ["extract", "estimate_value_range"]
+
+log = logging.getLogger(__name__)
+
+_BLOCK_BYTES = 512 * 2**20
+_OPTIONS = {
+    "stride",
+    "device",
+    "workers",
+    "scheduler",
+    "batch_size",
+    "block",
+    "overwrite",
+    "progress",
+    "axes",
+    "level",
+    "value_range",
+    "model_options",
+}
+
+
+def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
+    """Global intensity mapping: dtype range for uint8/bool, else 0.5/99.5 percentiles.
+
+    The percentiles come from up to ``max_chunks`` chunks picked with a fixed seed, so the
+    mapping is the same on every run and never needs the whole image in memory.
+    """
+    dtype = np.dtype(data.dtype)
+    if dtype == np.uint8:
+        return (0.0, 255.0)
+    if dtype == np.bool_:
+        return (0.0, 1.0)
+    grid = [range(n) for n in data.numblocks[:2]]
+    ids = [(j, i) for j in grid[0] for i in grid[1]]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(ids), size=min(max_chunks, len(ids)), replace=False))
+    sample = np.concatenate(
+        [
+            np.asarray(data.blocks[ids[k][0], ids[k][1]].compute()).reshape(-1, data.shape[-1])
+            for k in picked
+        ]
+    )[:, :3].astype(np.float64)
+    if not np.isfinite(sample).all():
+        raise InputError(
+            "The image has NaN or infinite pixels; fill or mask them first (e.g. np.nan_to_num)."
+        )
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (float(lo), float(hi))
+
+
+def _backbone_recipe(backbone, weights, stride, device, model_options, threads):
+    """(recipe shipped to workers, client-side backbone for attributes, description)."""
+    if isinstance(backbone, str):
+        spec = model_spec(backbone)
+        local = load_backbone(backbone, weights, stride, "cpu", **model_options)
+        if local.weights_origin == "random":
+            # Every worker must run the same random model: ship the client's, once per worker.
+            recipe = BackboneRecipe(
+                factory=_Fixed(local),
+                factory_token=uuid.uuid4().hex,
+                device=device,
+                threads=threads,
+            )
+            return recipe, local, spec.timm_name
+        recipe = BackboneRecipe(
+            name=backbone,
+            # Workers load exactly the file the client resolved (no download race, no random).
+            weights=_resolved_path(local),
+            stride=stride,
+            device=device,
+            overrides=tuple(sorted(model_options.items())),
+            threads=threads,
+        )
+        return recipe, local, spec.timm_name
+    if callable(backbone) and not hasattr(backbone, "patch_size"):
+        local = backbone()
+        recipe = BackboneRecipe(
+            factory=backbone, factory_token=uuid.uuid4().hex, device=device, threads=threads
+        )
+        return recipe, local, getattr(local, "name", type(local).__name__)
+    for attr in ("patch_size", "stride", "embed_dim"):
+        if not hasattr(backbone, attr):
+            raise ConfigError(
+                f"backbone must be a model name, a backbone object (with patch_size, stride, "
+                f"embed_dim) or a zero-argument callable that builds one; {backbone!r} has no "
+                f"{attr!r}."
+            )
+    return backbone, backbone, getattr(backbone, "name", type(backbone).__name__)
+
+
+class _Fixed:
+    """A zero-argument factory that returns one given backbone."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone = backbone
+
+    def __call__(self):
+        return self.backbone
+
+
+def _resolved_path(backbone) -> str:
+    """The local checkpoint file the client loaded, so workers load exactly that file."""
+    return str(getattr(backbone, "weights_path", None) or backbone.weights_origin)
+
+
+def _default_block(channels: int, chunk_cells: int) -> int:
+    per_chunk = (channels + 1) * (chunk_cells + 1) ** 2 * 4
+    return max(1, int(math.sqrt(_BLOCK_BYTES / per_chunk)))
+
+
+def extract(
+    source,
+    store: str | os.PathLike,
+    backbone: Any = "dinov2_vits14",
+    weights: str | None = None,
+    transforms: TransformSet | list[Transform] | None = None,
+    tile: int = 518,
+    overlap: int | None = None,
+    out_stride: int = 1,
+    dtype: str = "float16",
+    client=None,
+    **options,
+):
+    """Compute HR-Dv2 features of an image of any size and write them to a Zarr store.
+
+    Parameters
+    ----------
+    source : path, numpy.ndarray or dask.array.Array
+        Image to read with :func:`hrdv2_dask.io.open_image` (Zarr, OME-Zarr, TIFF, OME-TIFF, SVS,
+        PNG, JPEG, ``.npy``, arrays); never loaded whole.
+    store : path
+        Output Zarr v3 store (created, or resumed when it holds an interrupted run with the
+        same settings).
+    backbone : str, backbone object or callable, optional
+        Model name (``"dinov2_vits14"``, a timm name...), a backbone object, or a zero-argument
+        callable that builds one (called once per worker process).
+    weights : str, optional
+        Checkpoint path, or ``"random"`` (outputs are then marked ``random_weights=True``).
+    transforms : TransformSet, optional
+        Default :func:`hrdv2_dask.shifts` (9 views).
+    tile, overlap : int, optional
+        Window size and overlap in pixels (overlap default from the patch size and shifts).
+    out_stride : int, optional
+        Pixels per output cell.
+    dtype : str, optional
+        Stored dtype (``"float16"`` or ``"float32"``).
+    client : distributed.Client, optional
+        Run on this client; default: start and close an embedded LocalCluster.
+    **options
+        ``stride`` (stride trick), ``device`` (``"auto"``/``"cpu"``/``"cuda"``), ``workers``,
+        ``scheduler`` (address), ``batch_size``, ``block`` (chunks per task side),
+        ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``model_options``
+        (dict passed to ``timm.create_model``).
+
+    Returns
+    -------
+    xarray.DataArray
+        The store opened lazily with :func:`open_features`.
+    """
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ConfigError(f"Unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}.")
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"dtype must be 'float16' or 'float32', got {dtype!r}.")
+    device = resolve_device(options.get("device", "auto"))
+    workers = options.get("workers")
+    data, meta = open_image(source, options.get("axes"), level=options.get("level", 0))
+    h, w = meta.shape[:2]
+
+    threads = None
+    if client is None and options.get("scheduler") is None:
+        threads = max(1, (os.cpu_count() or 1) // (workers or 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RandomWeightsWarning)
+        recipe, local, model_name = _backbone_recipe(
+            backbone,
+            weights,
+            options.get("stride"),
+            device,
+            dict(options.get("model_options") or {}),
+            threads,
+        )
+    random_weights = getattr(local, "weights_origin", "") == "random" or any(
+        issubclass(c.category, RandomWeightsWarning) for c in caught
+    )
+    if random_weights:
+        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
+        log.warning(msg)
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+    patch, stride = int(local.patch_size), int(local.stride)
+    if h < patch or w < patch:
+        raise InputError(
+            f"Image {meta.path or 'array'} of {h}x{w} px is smaller than one {patch}x{patch} "
+            "patch; nothing to compute. Upscale it or use a larger image."
+        )
+    tset = (
+        transforms
+        if isinstance(transforms, TransformSet)
+        else (shifts(patch_size=patch) if transforms is None else TransformSet(transforms))
+    )
+    grid = plan_tiles(
+        (h, w),
+        tile_px=tile,
+        overlap_px=overlap,
+        patch_px=patch,
+        stride_px=stride,
+        max_shift_px=tset.max_shift_px,
+        out_stride=out_stride,
+    )
+    value_range = tuple(options.get("value_range") or estimate_value_range(data))
+    channels = int(local.embed_dim)
+    block = int(options.get("block") or _default_block(channels, grid.chunk_cells))
+    n_blocks = tuple(-(-n // block) for n in grid.n_windows)
+    plan = BlockPlan(
+        grid=grid,
+        block=block,
+        n_blocks=n_blocks,
+        transforms=tset,
+        value_range=value_range,
+        channels=channels,
+        dtype=dtype,
+        batch_size=options.get("batch_size"),
+        store_path=str(store),
+    )
+    settings = {
+        "model": model_name,
+        "weights": "random" if random_weights else str(weights or "default"),
+        "random_weights": random_weights,
+        "patch_size": patch,
+        "stride": stride,
+        "transforms": tset.describe(),
+        "tile_px": grid.tile_px,
+        "overlap_px": grid.overlap_px,
+        "margin_px": grid.margin_px,
+        "out_stride": out_stride,
+        "dtype": dtype,
+        "value_range": list(value_range),
+        "source_shape": list(meta.shape),
+        "block": block,
+    }
+    provenance = {
+        "package": "hrdv2-dask",
+        "version": __version__,
+        "weights_origin": getattr(local, "weights_origin", None),
+        "source": meta.to_dict(),
+    }
+    y, x = grid.out_shape
+    run_store = RunStore(
+        store,
+        settings=settings,
+        provenance=provenance,
+        shape=(channels, y, x),
+        chunks=(min(channels, 64), grid.chunk_cells, grid.chunk_cells),
+        dtype=dtype,
+        blocks=n_blocks,
+        halo_shapes=plan.halo_shapes(),
+        overwrite=bool(options.get("overwrite")),
+    )
+    if run_store.resumed and run_store.complete:
+        log.info("%s is already complete with these settings; nothing to do", store)
+        return open_features(store)
+    done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
+    if run_store.resumed:
+        log.info("resuming %s: %d of %d blocks already done", store, int(done.sum()), done.size)
+
+    run_id = uuid.uuid4().hex[:12]
+    tasks = build_tasks(plan, source=SourceReader(data), backbone=recipe, done=done, run_id=run_id)
+    _run(
+        tasks,
+        plan,
+        done,
+        client=client,
+        scheduler=options.get("scheduler"),
+        workers=workers,
+        device=device,
+        progress=options.get("progress", True),
+        megapixels=h * w / 1e6,
+    )
+    run_store.finish()
+    return open_features(store)
+
+
+def _run(tasks, plan, done, *, client, scheduler, workers, device, progress, megapixels) -> None:
+    import dask
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    todo = {k: v for k, v in tasks.items() if not done[k]}
+    counts = [
+        dask.delayed(_count, pure=False)(tasks[k], block_windows_count(plan, *k)) for k in todo
+    ]
+    total = sum(block_windows_count(plan, *k) for k in todo)
+    t0 = time.perf_counter()
+    with cluster_client(client, scheduler=scheduler, workers=workers, device=device) as c:
+        resources = {"GPU": 1} if device.startswith("cuda") else None
+        futures = c.compute(counts, optimize_graph=False, resources=resources)
+        bar = tqdm(total=total, unit="win", disable=not progress, desc="windows")
+        try:
+            for fut in as_completed(futures):
+                bar.update(fut.result())
+                rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix_str(f"{rate:.2f} MP/s")
+        finally:
+            bar.close()
+            for fut in futures:
+                fut.cancel()
+    log.info("%d windows in %.1f s", total, time.perf_counter() - t0)
+
+
+def _count(_halo, n: int) -> int:
+    return n

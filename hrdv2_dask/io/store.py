@@ -1,0 +1,224 @@
+"""Feature stores: Zarr v3 groups holding a ``(feature, y, x)`` array and run bookkeeping.
+
+Layout of a store::
+
+    store.zarr/
+      features        (feature, y, x) array, dims named, compressed chunks
+      _run/done       (block_y, block_x) uint8: 1 once a block's chunks and halo strips are written
+      _run/halo_*     float32 halo strips passed between neighbouring blocks (for resume)
+
+The group attribute ``hrdv2`` holds the settings and provenance of the run; ``complete`` is set
+to ``true`` last, and :func:`open_features` refuses a store without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec
+
+from ..errors import IncompleteStoreError, StoreError
+
+__all__ = [
+    "FEATURES",
+    "RunStore",
+    "open_features",
+]
+
+log = logging.getLogger(__name__)
+
+FEATURES = "features"
+RUN = "_run"
+ATTR = "hrdv2"
+_COMPRESSORS = (BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"),)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _check_target(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise StoreError(
+            f"Output {str(path)!r} is an existing file, not a Zarr store. Choose another path "
+            "(e.g. features.zarr)."
+        )
+    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+        raise StoreError(
+            f"Output {str(path)!r} is a non-empty folder that is not a Zarr store; refusing to "
+            "write into it. Choose a new path."
+        )
+
+
+class RunStore:
+    """Create, resume and finish the store of one extraction run.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Folder of the Zarr v3 store.
+    settings : dict
+        Everything that determines the output values (model, weights, transforms, tiling,
+        output stride, dtype, intensity mapping, source shape). A store made with other settings
+        is refused unless ``overwrite``.
+    provenance : dict
+        Recorded but not compared (package version, weights origin, source path).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        settings: dict[str, Any],
+        provenance: dict[str, Any],
+        shape: tuple[int, int, int],
+        chunks: tuple[int, int, int],
+        dtype: str,
+        blocks: tuple[int, int],
+        halo_shapes: dict[str, tuple[int, ...]],
+        overwrite: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.settings = _jsonable(settings)
+        _check_target(self.path)
+        self.resumed = False
+        existing = self._existing_settings()
+        if existing is not None and not overwrite:
+            if existing != self.settings:
+                diff = sorted(
+                    k
+                    for k in set(existing) | set(self.settings)
+                    if existing.get(k) != self.settings.get(k)
+                )
+                raise StoreError(
+                    f"Store {str(self.path)!r} was made with other settings (differs in: "
+                    f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, "
+                    "or write to a new path."
+                )
+            self.resumed = True
+        if existing is not None and overwrite:
+            shutil.rmtree(self.path)
+        if self.resumed:
+            self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            return
+        self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
+        self.group.attrs[ATTR] = {
+            "settings": self.settings,
+            "provenance": _jsonable(provenance),
+            "complete": False,
+        }
+        self.group.create_array(
+            FEATURES,
+            shape=shape,
+            chunks=chunks,
+            dtype=dtype,
+            compressors=_COMPRESSORS,
+            dimension_names=("feature", "y", "x"),
+            fill_value=np.nan,
+        )
+        run = self.group.create_group(RUN)
+        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
+        for name, hshape in halo_shapes.items():
+            run.create_array(
+                f"halo_{name}",
+                shape=(*blocks, *hshape),
+                chunks=(1, 1, *hshape),
+                dtype="float32",
+                compressors=_COMPRESSORS,
+                fill_value=0.0,
+            )
+
+    def _existing_settings(self) -> dict[str, Any] | None:
+        if not (self.path / "zarr.json").exists():
+            return None
+        try:
+            attrs = zarr.open_group(self.path, mode="r", zarr_format=3).attrs.asdict()
+        except Exception as err:  # noqa: BLE001 - any unreadable store is the same problem
+            raise StoreError(f"Cannot open existing store {str(self.path)!r}: {err}") from err
+        meta = attrs.get(ATTR)
+        if not isinstance(meta, dict) or "settings" not in meta:
+            raise StoreError(
+                f"{str(self.path)!r} is a Zarr store not written by hrdv2_dask; refusing to touch "
+                "it. Choose a new path or delete it."
+            )
+        return meta["settings"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.group.attrs[ATTR].get("complete"))
+
+    def done_blocks(self) -> np.ndarray:
+        """``(block_y, block_x)`` bool array of blocks already written."""
+        return self.group[RUN]["done"][...].astype(bool)
+
+    def finish(self) -> None:
+        """Mark the store complete (written last) and drop the resume bookkeeping."""
+        if RUN in self.group:
+            del self.group[RUN]
+        meta = dict(self.group.attrs[ATTR])
+        meta["complete"] = True
+        self.group.attrs[ATTR] = meta
+
+
+def open_features(store: str | os.PathLike) -> xr.DataArray:
+    """Open a feature store lazily as an :class:`xarray.DataArray`.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        A store written by :func:`hrdv2_dask.extract`.
+
+    Returns
+    -------
+    xarray.DataArray
+        Dask-backed, dims ``("feature", "y", "x")``, coordinates ``y``/``x`` at the centres of
+        the output cells in source pixels (and ``y_phys``/``x_phys`` in physical units when the
+        source has a pixel size); attrs hold the settings and provenance of the run.
+
+    Raises
+    ------
+    IncompleteStoreError
+        The run that writes the store did not complete (rerun the same command to resume).
+    StoreError
+        Not a feature store.
+    """
+    path = Path(store)
+    if not (path / "zarr.json").exists():
+        raise StoreError(f"{str(path)!r} is not a Zarr v3 feature store (no zarr.json).")
+    meta = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict().get(ATTR)
+    if not isinstance(meta, dict):
+        raise StoreError(f"{str(path)!r} is a Zarr store but not a hrdv2_dask feature store.")
+    if not meta.get("complete"):
+        raise IncompleteStoreError(
+            f"Feature store {str(path)!r} is incomplete: its run did not finish. Rerun the same "
+            "command to resume it, or use --overwrite to start again."
+        )
+    ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
+    arr = ds[FEATURES]
+    settings, prov = meta["settings"], meta.get("provenance", {})
+    stride = int(settings["out_stride"])
+    coords = {
+        dim: np.arange(arr.sizes[dim], dtype=np.float64) * stride + (stride - 1) / 2
+        for dim in ("y", "x")
+    }
+    arr = arr.assign_coords(y=("y", coords["y"]), x=("x", coords["x"]))
+    arr.y.attrs.update(units="pixel", long_name="row (pixel centre)")
+    arr.x.attrs.update(units="pixel", long_name="column (pixel centre)")
+    pixel_size = (prov.get("source") or {}).get("pixel_size")
+    if pixel_size:
+        unit = (prov.get("source") or {}).get("unit") or "unknown"
+        for i, dim in enumerate(("y", "x")):
+            arr = arr.assign_coords({f"{dim}_phys": (dim, coords[dim] * float(pixel_size[i]))})
+            arr[f"{dim}_phys"].attrs.update(units=unit)
+    arr.attrs = {k: v for k, v in {**settings, **prov}.items() if v is not None}
+    arr.attrs.pop("_FillValue", None)
+    arr.name = FEATURES
+    return arr
