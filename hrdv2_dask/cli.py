@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    import distributed  # noqa: F401 - configures its loggers on import; quiet them afterwards
+
     for noisy in ("distributed", "tornado", "asyncio", "tifffile"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:

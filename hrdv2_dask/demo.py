@@ -124,6 +124,7 @@ def run_demo(
         src,
         out / "features.zarr",
         weights=weights,
+        tile=504,  # a multiple of the patch size (14) and of the output stride (4)
         out_stride=out_stride,
         client=client,
         overwrite=True,

@@ -129,9 +129,13 @@ def _resolved_path(backbone) -> str:
     return str(getattr(backbone, "weights_path", None) or backbone.weights_origin)
 
 
-def _default_block(channels: int, chunk_cells: int) -> int:
+def _default_block(channels: int, chunk_cells: int, n_windows: tuple[int, int]) -> int:
+    """Chunks per block side: within the memory budget, at most 4, and at least 2 blocks a side
+    when the image allows, so that tasks run in parallel and progress shows."""
     per_chunk = (channels + 1) * (chunk_cells + 1) ** 2 * 4
-    return max(1, int(math.sqrt(_BLOCK_BYTES / per_chunk)))
+    by_memory = int(math.sqrt(_BLOCK_BYTES / per_chunk))
+    by_grid = max(1, min(n_windows) // 2)
+    return max(1, min(by_memory, 4, by_grid))
 
 
 def extract(
@@ -235,7 +239,7 @@ def extract(
     )
     value_range = tuple(options.get("value_range") or estimate_value_range(data))
     channels = int(local.embed_dim)
-    block = int(options.get("block") or _default_block(channels, grid.chunk_cells))
+    block = int(options.get("block") or _default_block(channels, grid.chunk_cells, grid.n_windows))
     n_blocks = tuple(-(-n // block) for n in grid.n_windows)
     plan = BlockPlan(
         grid=grid,

@@ -194,8 +194,25 @@ def _cached_hf_file(repo: str) -> str | None:
     return None
 
 
+def _reachable(url: str, timeout_s: float = 3.0) -> bool:
+    """Whether the host of ``url`` answers a TCP connection quickly (skip retries offline)."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(url)
+    try:
+        with socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
 def _download(spec, tried: list[str]) -> tuple[str, str] | None:
-    if spec.timm_repo:
+    from huggingface_hub import constants
+
+    if spec.timm_repo and not _reachable(constants.ENDPOINT):
+        tried.append(f"download from {constants.ENDPOINT}: not reachable (offline?)")
+    elif spec.timm_repo:
         try:
             from huggingface_hub import hf_hub_download
 
@@ -205,7 +222,9 @@ def _download(spec, tried: list[str]) -> tuple[str, str] | None:
             tried.append(
                 f"download from the Hugging Face hub ({spec.timm_repo}): {type(err).__name__}"
             )
-    if spec.official_url:
+    if spec.official_url and not _reachable(spec.official_url):
+        tried.append(f"download {spec.official_url}: not reachable (offline?)")
+    elif spec.official_url:
         try:
             target = _torch_hub_dir() / spec.official_file
             target.parent.mkdir(parents=True, exist_ok=True)
