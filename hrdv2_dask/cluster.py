@@ -32,15 +32,13 @@ def resolve_device(device: str) -> str:
 
 
 def local_workers(device: str, workers: int | None) -> int:
-    """Default worker count: one per GPU, or one CPU worker using all cores."""
+    """Default worker count: one worker (on the GPU, or using all CPU cores)."""
     if workers is not None:
         if workers < 1:
             raise ConfigError(f"workers must be >= 1, got {workers!r}.")
         return workers
-    if device.startswith("cuda"):
-        import torch
-
-        return max(1, torch.cuda.device_count())
+    # One worker either way: a plain LocalCluster does not pin workers to different GPUs
+    # (several GPUs need dask-cuda's LocalCUDACluster, one worker per GPU).
     return 1
 
 
@@ -57,7 +55,7 @@ def cluster_client(
     scheduler : str, optional
         Address of an existing scheduler (``tcp://host:8786``).
     workers : int, optional
-        Worker processes of the embedded cluster (default: one per GPU, or one CPU worker).
+        Worker processes of the embedded cluster (default: one).
     device : str
         ``"cpu"`` or ``"cuda"``; GPU workers advertise a ``GPU`` resource.
     """

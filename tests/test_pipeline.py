@@ -334,3 +334,58 @@ def test_cli_features_and_info(image, tmp_path, capsys):
     assert np.isfinite(arr.values.astype(np.float32)).all()
     assert main(["info", str(tmp_path / "cli.zarr")]) == 0
     assert '"random_weights": true' in capsys.readouterr().out
+
+
+_SLOW_RUN = """
+import sys, time, numpy as np, hrdv2_dask as hd
+
+class Slow(hd.MeanPool):
+    def forward(self, x):
+        time.sleep(0.4)
+        return super().forward(x)
+
+img = np.load(sys.argv[1])
+b = Slow()
+b.name = "meanpool_p14_s14"
+hd.extract(img, sys.argv[2], backbone=b, tile=140, dtype="float32", block=1, progress=False,
+           workers=1)
+"""
+
+
+def test_killed_process_resumes_to_the_same_store(image, tmp_path, client):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = image[:400, :500]
+    np.save(tmp_path / "img.npy", src)
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_RUN, str(tmp_path / "img.npy"), str(store)],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            time.sleep(0.3)
+            try:
+                done = zarr.open_group(store, mode="r")["_run"]["done"][...]
+            except Exception:  # noqa: BLE001 - store not created yet
+                continue
+            if done.sum() >= 2:
+                break
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes, mid-run
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    done = zarr.open_group(store, mode="r")["_run"]["done"][...]
+    assert 2 <= done.sum() < done.size
+    with pytest.raises(hd.IncompleteStoreError):
+        hd.open_features(store)
+    kw = dict(tile=140, dtype="float32", client=client, progress=False, block=1)
+    resumed = hd.extract(src, store, backbone=hd.MeanPool(), **kw).values
+    full = hd.extract(src, tmp_path / "full.zarr", backbone=hd.MeanPool(), **kw).values
+    assert np.array_equal(resumed, full)
