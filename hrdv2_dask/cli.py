@@ -1,4 +1,4 @@
-"""Command line: ``hrdv2 features``, ``hrdv2 info``, ``hrdv2 demo``.
+"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|run|demo``.
 
 Each subcommand parses its arguments, builds the options and calls one public function. Errors
 that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr.
@@ -59,6 +59,7 @@ def _features(args) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        components=args.components,
     )
     print(f"{args.output}: {dict(out.sizes)} {out.dtype}")
     return 0
@@ -73,6 +74,66 @@ def _info(args) -> int:
             {"dims": dict(arr.sizes), "dtype": str(arr.dtype), **arr.attrs}, indent=2, default=str
         )
     )
+    return 0
+
+
+def _analysis(kind: str, options: dict, store: str, out: str) -> int:
+    from pathlib import Path
+
+    from .io.store import open_features
+    from .workflows import AnalysisStep, run_analysis
+
+    step = AnalysisStep.from_dict({kind: options}, "command line")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    result = run_analysis(step, open_features(store), Path(out))
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _pca(args) -> int:
+    return _analysis(
+        "pca",
+        {"components": args.components, "foreground": args.foreground, "seed": args.seed},
+        args.store,
+        args.out,
+    )
+
+
+def _cluster(args) -> int:
+    return _analysis("cluster", {"k": args.k, "seed": args.seed}, args.store, args.out)
+
+
+def _similarity(args) -> int:
+    if bool(args.point) == bool(args.box):
+        from .errors import ConfigError
+
+        raise ConfigError(
+            "give --point Y,X (one or more) or --box Y0,X0,Y1,X1, not both or neither."
+        )
+    opts = {"points": [list(p) for p in args.point]} if args.point else {"box": list(args.box)}
+    return _analysis("similarity", opts, args.store, args.out)
+
+
+def _segment(args) -> int:
+    return _analysis(
+        "segment",
+        {
+            "labels": args.labels,
+            "method": args.method,
+            "holdout": args.holdout,
+            "proba": args.proba,
+            "seed": args.seed,
+        },
+        args.store,
+        args.out,
+    )
+
+
+def _run(args) -> int:
+    from .workflows import run_workflow
+
+    summary = run_workflow(args.workflow, progress=not args.quiet)
+    print(json.dumps(summary["analyses"], indent=2, default=str))
     return 0
 
 
@@ -111,8 +172,51 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument(
         "--overwrite", action="store_true", help="replace a store made with other settings"
     )
+    f.add_argument(
+        "--components",
+        type=int,
+        default=None,
+        help="keep K PCA channels (fitted on sample windows, projected on the workers)",
+    )
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_features)
+
+    a = sub.add_parser("pca", help="PCA picture (OME-Zarr pyramid + PNG) of a feature store")
+    a.add_argument("store")
+    a.add_argument("out", help="output folder")
+    a.add_argument("--components", type=int, default=3)
+    a.add_argument("--foreground", action="store_true", help="two-step PCA without background")
+    a.add_argument("--seed", type=int, default=0)
+    a.set_defaults(func=_pca)
+
+    c = sub.add_parser("cluster", help="k-means labels of a feature store")
+    c.add_argument("store")
+    c.add_argument("out", help="output folder")
+    c.add_argument("-k", type=int, default=6)
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=_cluster)
+
+    m = sub.add_parser("similarity", help="cosine similarity to query pixels")
+    m.add_argument("store")
+    m.add_argument("out", help="output folder")
+    m.add_argument("--point", type=_ints, action="append", default=[], help="Y,X (output cells)")
+    m.add_argument("--box", type=_ints, default=None, help="Y0,X0,Y1,X1 (output cells)")
+    m.set_defaults(func=_similarity)
+
+    g = sub.add_parser("segment", help="segmentation from sparse scribble labels")
+    g.add_argument("store")
+    g.add_argument("labels", help="label image (PNG/TIFF/Zarr), 0 = unlabelled")
+    g.add_argument("out", help="output folder")
+    g.add_argument("--method", choices=["random_forest", "logistic"], default="random_forest")
+    g.add_argument("--holdout", type=float, default=0.2)
+    g.add_argument("--proba", action="store_true", help="also write per-class probabilities")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_segment)
+
+    r = sub.add_parser("run", help="run a workflow YAML file")
+    r.add_argument("workflow")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(func=_run)
 
     i = sub.add_parser("info", help="describe a feature store")
     i.add_argument("store")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .errors import WeightsNotFoundError
-
-__all__ = ["make_sample_image", "pca_rgb", "run_demo"]
+__all__ = ["make_sample_image", "run_demo", "write_sample_image"]
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +53,21 @@ def make_sample_image(size: int = 2048, *, cells: int = 12, seed: int = 0) -> np
     return np.clip(img * 255, 0, 255).astype(np.uint8)
 
 
-def pca_rgb(features: np.ndarray, *, sample: int = 20000, seed: int = 0) -> np.ndarray:
-    """Project ``(C, Y, X)`` features on their first 3 principal components → uint8 RGB.
+def write_sample_image(
+    path: str | os.PathLike, *, size: int = 2048, png: str | os.PathLike | None = None
+) -> Path:
+    """Write :func:`make_sample_image` as a chunked Zarr v3 array (and optionally a PNG)."""
+    import zarr
+    from PIL import Image
 
-    >>> f = np.random.default_rng(0).normal(size=(8, 10, 12)).astype(np.float32)
-    >>> pca_rgb(f).shape
-    (10, 12, 3)
-    """
-    c = features.shape[0]
-    flat = features.reshape(c, -1).T.astype(np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.choice(flat.shape[0], size=min(sample, flat.shape[0]), replace=False)
-    mean = flat[idx].mean(0)
-    _, _, vt = np.linalg.svd(flat[idx] - mean, full_matrices=False)
-    proj = (flat - mean) @ vt[:3].T
-    lo, hi = np.percentile(proj[idx] @ np.eye(3), [1, 99], axis=0)
-    rgb = np.clip((proj - lo) / np.maximum(hi - lo, 1e-12), 0, 1)
-    return (rgb.reshape(*features.shape[1:], 3) * 255).astype(np.uint8)
+    image = make_sample_image(size)
+    arr = zarr.create_array(
+        path, shape=image.shape, chunks=(512, 512, 3), dtype="uint8", overwrite=True, zarr_format=3
+    )
+    arr[...] = image
+    if png is not None:
+        Image.fromarray(image).save(png)
+    return Path(path)
 
 
 def run_demo(
@@ -85,62 +80,35 @@ def run_demo(
     client=None,
     model_options: dict | None = None,
 ) -> dict:
-    """Build the sample image, extract features on an embedded cluster, write a PCA PNG.
+    """The demo workflow: sample image → features on an embedded cluster → PCA picture, clusters.
 
     Uses real DINOv2 weights when they are given or cached; otherwise runs on random weights and
-    says so loudly (the outputs are marked ``random_weights=True``).
+    says so loudly (the outputs are marked ``random_weights=True``). Same as
+    ``hrdv2 run workflows/demo.yaml``.
 
     Returns
     -------
     dict
         The summary also written to ``summary.json``.
     """
-    import zarr
-    from PIL import Image
+    from .workflows import Workflow, run_workflow
 
-    from .backbones import load_backbone
-    from .extract import extract
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    image = make_sample_image(size)
-    src = out / "sample.zarr"
-    arr = zarr.create_array(
-        src, shape=image.shape, chunks=(512, 512, 3), dtype="uint8", overwrite=True, zarr_format=3
+    wf = Workflow.from_dict(
+        {
+            "input": "sample",
+            "sample_size": size,
+            "output_dir": str(out_dir),
+            "features": {
+                "model": "dinov2_vits14",
+                "weights": weights,
+                "shifts": [1],
+                "tile": 504,  # a multiple of the patch size (14) and of the output stride (4)
+                "out_stride": out_stride,
+                "model_options": model_options,
+            },
+            "analyses": [{"pca": {"components": 3}}, {"cluster": {"k": 6}}],
+        }
     )
-    arr[...] = image
-    Image.fromarray(image).save(out / "sample.png")
-
-    if weights is None:
-        try:
-            load_backbone("dinov2_vits14", download=True, **(model_options or {}))
-        except WeightsNotFoundError as err:
-            log.warning("%s", err)
-            log.warning(
-                "*** The demo continues with RANDOM WEIGHTS: pictures show no real features ***"
-            )
-            weights = "random"
-    feats = extract(
-        src,
-        out / "features.zarr",
-        weights=weights,
-        tile=504,  # a multiple of the patch size (14) and of the output stride (4)
-        out_stride=out_stride,
-        client=client,
-        overwrite=True,
-        progress=progress,
-        model_options=model_options or {},
-    )
-    rgb = pca_rgb(np.asarray(feats.values, dtype=np.float32))
-    Image.fromarray(rgb).resize((size // 2, size // 2), Image.NEAREST).save(out / "pca.png")
-    summary = {
-        "image": str(src),
-        "image_shape": list(image.shape),
-        "features": str(out / "features.zarr"),
-        "feature_shape": dict(feats.sizes),
-        "random_weights": bool(feats.attrs.get("random_weights")),
-        "previews": [str(out / "sample.png"), str(out / "pca.png")],
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("demo written to %s: %s", out, json.dumps(summary))
+    summary = run_workflow(wf, client=client, progress=progress)
+    log.info("demo written to %s; look at pca.png and clusters.png", out_dir)
     return summary

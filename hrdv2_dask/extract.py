@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -16,7 +17,15 @@ from ._version import __version__
 from .backbones import RandomWeightsWarning, load_backbone, model_spec
 from .cluster import cluster_client, resolve_device
 from .errors import ConfigError, InputError
-from .graph import BackboneRecipe, BlockPlan, SourceReader, block_windows_count, build_tasks
+from .graph import (
+    BackboneRecipe,
+    BlockPlan,
+    SourceReader,
+    block_windows_count,
+    build_tasks,
+    fit_projection,
+    sample_window_features,
+)
 from .io.readers import open_image
 from .io.store import RunStore, open_features
 from .tiling import plan_tiles
@@ -40,6 +49,7 @@ _OPTIONS = {
     "level",
     "value_range",
     "model_options",
+    "components",
 }
 
 
@@ -179,8 +189,9 @@ def extract(
     **options
         ``stride`` (stride trick), ``device`` (``"auto"``/``"cpu"``/``"cuda"``), ``workers``,
         ``scheduler`` (address), ``batch_size``, ``block`` (chunks per task side),
-        ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``model_options``
-        (dict passed to ``timm.create_model``).
+        ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``components``
+        (PCA channel reduction on the workers), ``model_options`` (dict passed to
+        ``timm.create_model``).
 
     Returns
     -------
@@ -239,7 +250,13 @@ def extract(
     )
     value_range = tuple(options.get("value_range") or estimate_value_range(data))
     channels = int(local.embed_dim)
-    block = int(options.get("block") or _default_block(channels, grid.chunk_cells, grid.n_windows))
+    components = options.get("components")
+    if components is not None and not (isinstance(components, int) and 1 <= components <= channels):
+        raise ConfigError(f"components must be an integer in 1..{channels}, got {components!r}.")
+    out_channels = components or channels
+    block = int(
+        options.get("block") or _default_block(out_channels, grid.chunk_cells, grid.n_windows)
+    )
     n_blocks = tuple(-(-n // block) for n in grid.n_windows)
     plan = BlockPlan(
         grid=grid,
@@ -252,6 +269,14 @@ def extract(
         batch_size=options.get("batch_size"),
         store_path=str(store),
     )
+    projection = None
+    if components is not None:
+        # Fit the reduction on features of a few windows (client side, same maths as the
+        # workers), then every worker projects its windows before blending.
+        log.info("fitting a %d-component PCA on sample windows", components)
+        sample = sample_window_features(SourceReader(data), plan, local)
+        projection = fit_projection(sample, components)
+        plan = dataclasses.replace(plan, channels=components, projection=projection)
     settings = {
         "model": model_name,
         "weights": "random" if random_weights else str(weights or "default"),
@@ -267,6 +292,7 @@ def extract(
         "value_range": list(value_range),
         "source_shape": list(meta.shape),
         "block": block,
+        "components": components,
     }
     provenance = {
         "package": "hrdv2-dask",
@@ -274,13 +300,16 @@ def extract(
         "weights_origin": getattr(local, "weights_origin", None),
         "source": meta.to_dict(),
     }
+    if projection is not None:
+        provenance["projection_mean"] = projection[0].tolist()
+        provenance["projection_components"] = projection[1].tolist()
     y, x = grid.out_shape
     run_store = RunStore(
         store,
         settings=settings,
         provenance=provenance,
-        shape=(channels, y, x),
-        chunks=(min(channels, 64), grid.chunk_cells, grid.chunk_cells),
+        shape=(out_channels, y, x),
+        chunks=(min(out_channels, 64), grid.chunk_cells, grid.chunk_cells),
         dtype=dtype,
         blocks=n_blocks,
         halo_shapes=plan.halo_shapes(),

@@ -116,6 +116,9 @@ class BlockPlan:
     dtype: str
     batch_size: int | None
     store_path: str
+    # Optional linear reduction applied to each window's features before blending (exact:
+    # blending is linear with weights that sum to 1): out = components @ (f - mean).
+    projection: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def blend_cells(self) -> int:
@@ -180,6 +183,54 @@ def _normalise(windows: np.ndarray, value_range: tuple[float, float], device) ->
     return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
 
 
+def sample_window_features(
+    source,
+    plan: BlockPlan,
+    backbone: Any,
+    *,
+    n_windows: int = 8,
+    n_pixels: int = 50_000,
+    seed: int = 0,
+) -> np.ndarray:
+    """Features of up to ``n_windows`` windows spread over the image → ``(n_pixels, C)`` sample."""
+    g = plan.grid
+    ny, nx = g.n_windows
+    rng = np.random.default_rng(seed)
+    all_ids = [(j, i) for j in range(ny) for i in range(nx)]
+    picked = [
+        all_ids[k]
+        for k in sorted(rng.choice(len(all_ids), min(n_windows, len(all_ids)), replace=False))
+    ]
+    bb = worker_backbone(backbone)
+    device = getattr(bb, "device", torch.device("cpu"))
+    device = device if isinstance(device, torch.device) else torch.device("cpu")
+    mc = g.margin_px // g.out_stride
+    rows = []
+    for window in picked:
+        x = _normalise(_read_windows(source, plan, [window]), plan.value_range, device)
+        f = highres_features(
+            x, bb, plan.transforms, out_stride=g.out_stride, batch_size=plan.batch_size
+        )[0]
+        ys, xs = g.chunk_slices(*window)
+        f = f[
+            :, mc : mc + ys.stop - ys.start, mc : mc + xs.stop - xs.start
+        ]  # the window's own cells
+        rows.append(f.reshape(f.shape[0], -1).T.cpu().numpy())
+    sample = np.concatenate(rows)
+    keep = rng.choice(len(sample), min(n_pixels, len(sample)), replace=False)
+    return sample[np.sort(keep)]
+
+
+def fit_projection(sample: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """PCA of ``sample (n, C)``: ``(mean (C,), components (K, C))`` float32, signs fixed."""
+    x = sample.astype(np.float64)
+    mean = x.mean(0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    comps = vt[:components]
+    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
+    return mean.astype(np.float32), comps.astype(np.float32)
+
+
 def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
     return [(j, i) for j in plan.chunk_range(jb, 0) for i in plan.chunk_range(ib, 1)]
 
@@ -216,7 +267,11 @@ def run_block(
         feats = highres_features(
             x, bb, plan.transforms, out_stride=g.out_stride, batch_size=plan.batch_size
         )
-        feats = feats[:, :, mc : g.tile_cells - mc, mc : g.tile_cells - mc].cpu().numpy()
+        feats = feats[:, :, mc : g.tile_cells - mc, mc : g.tile_cells - mc]
+        if plan.projection is not None:
+            mean, comps = (torch.as_tensor(a, device=feats.device) for a in plan.projection)
+            feats = torch.einsum("kc,nchw->nkhw", comps, feats - mean[None, :, None, None])
+        feats = feats.cpu().numpy()
         for (j, i), f in zip(group, feats, strict=True):
             wgt = g.weights(j, i)[mc : g.tile_cells - mc, mc : g.tile_cells - mc].astype(np.float32)
             r, c = (j - j0) * cc, (i - i0) * cc

@@ -41,7 +41,10 @@ def test_demo_end_to_end(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     feats = hd.open_features(summary["features"])
     assert feats.shape == (64, 56, 56) and feats.attrs["random_weights"] is True
-    pca = np.asarray(Image.open(tmp_path / "pca.png"))
-    assert pca.shape == (112, 112, 3) and pca.std() > 1
+    pca = np.asarray(Image.open(tmp_path / "pca.png").convert("RGB"))
+    assert pca.shape == (56, 56, 3) and pca.std() > 1
+    clusters = np.asarray(Image.open(tmp_path / "clusters.png").convert("RGB"))
+    assert clusters.shape == (56, 56, 3) and len(np.unique(clusters.reshape(-1, 3), axis=0)) > 1
+    assert (tmp_path / "pca.ome.zarr").is_dir() and (tmp_path / "clusters.zarr").is_dir()
     sample = np.asarray(Image.open(tmp_path / "sample.png"))
     assert sample.shape == (224, 224, 3) and sample.std() > 1

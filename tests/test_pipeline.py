@@ -364,7 +364,9 @@ def test_killed_process_resumes_to_the_same_store(image, tmp_path, client):
     store = tmp_path / "killed.zarr"
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_RUN, str(tmp_path / "img.npy"), str(store)],
-        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 120
@@ -389,3 +391,28 @@ def test_killed_process_resumes_to_the_same_store(image, tmp_path, client):
     resumed = hd.extract(src, store, backbone=hd.MeanPool(), **kw).values
     full = hd.extract(src, tmp_path / "full.zarr", backbone=hd.MeanPool(), **kw).values
     assert np.array_equal(resumed, full)
+
+
+def test_components_equal_projecting_full_features(image, tmp_path, tiny_backbone, client):
+    """Projecting each window before blending equals projecting the blended store (linear)."""
+    src = image[:300, :360]
+    kw = dict(
+        backbone=tiny_backbone,
+        tile=140,
+        out_stride=2,
+        dtype="float32",
+        client=client,
+        progress=False,
+    )
+    reduced = hd.extract(src, tmp_path / "k.zarr", components=4, **kw)
+    assert reduced.shape == (4, 150, 180)
+    mean = np.asarray(reduced.attrs["projection_mean"], np.float32)
+    comps = np.asarray(reduced.attrs["projection_components"], np.float32)
+    assert comps.shape == (4, 64)
+    full = hd.extract(src, tmp_path / "full.zarr", **kw).values
+    projected = np.einsum("kc,chw->khw", comps, full - mean[:, None, None])
+    err = np.abs(reduced.values - projected).max() / np.abs(projected).max()
+    assert err < 1e-4
+    # the first component carries the most variance
+    var = reduced.values.reshape(4, -1).var(1)
+    assert var[0] == var.max()
