@@ -236,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
+        force=True,  # bind to the current stderr on every call (main() is also used as a library)
     )
     import distributed  # noqa: F401 - configures its loggers on import; quiet them afterwards
 

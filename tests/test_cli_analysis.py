@@ -24,13 +24,23 @@ def store(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     img = make_sample_image(224, cells=4)
     with (
-        LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as c,
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as c,
         Client(c) as client,
         warnings.catch_warnings(),
     ):
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
-        hd.extract(img, root / "f.zarr", weights="random", tile=112, out_stride=2, client=client,
-                   progress=False, model_options=TINY)
+        hd.extract(
+            img,
+            root / "f.zarr",
+            weights="random",
+            tile=112,
+            out_stride=2,
+            client=client,
+            progress=False,
+            model_options=TINY,
+        )
     return root / "f.zarr"
 
 

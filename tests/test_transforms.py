@@ -73,20 +73,21 @@ def test_map_coords_agrees_with_the_image_op(name):
         assert torch.equal(got[1], xx[b : h - b, b : w - b]), str(t)
 
 
-transform_strategy = st.lists(
-    st.one_of(
-        st.builds(
-            Shift, st.integers(-6, 6), st.integers(-6, 6), st.sampled_from(["reflect", "periodic"])
-        ),
+@st.composite
+def transform_strategy(draw):
+    # One boundary rule per composition: a periodic roll after a reflected shift would carry
+    # the reflected (inexact) border into the interior, and shifts() never mixes the two.
+    boundary = draw(st.sampled_from(["reflect", "periodic"]))
+    step = st.one_of(
+        st.builds(Shift, st.integers(-6, 6), st.integers(-6, 6), st.just(boundary)),
         st.builds(Flip, st.sampled_from(["y", "x"])),
         st.builds(Rotate, st.integers(1, 3)),
-    ),
-    max_size=4,
-).map(lambda steps: Compose(tuple(steps)))
+    )
+    return Compose(tuple(draw(st.lists(step, max_size=4))))
 
 
 @settings(max_examples=60, deadline=None)
-@given(t=transform_strategy, h=st.integers(8, 20), w=st.integers(8, 20))
+@given(t=transform_strategy(), h=st.integers(8, 20), w=st.integers(8, 20))
 def test_inverse_of_random_compositions(t, h, w):
     x = _image(h, w, c=1)
     back = t.inverse().apply(t.apply(x))
