@@ -39,6 +39,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
+from ._checks import as_int as _as_int
 from .errors import ConfigError, InputError
 
 __all__ = [
@@ -64,15 +65,6 @@ _LABEL_REDUCERS = ("mode", "nearest")
 # ---------------------------------------------------------------------------------------------
 # Checks and small helpers
 # ---------------------------------------------------------------------------------------------
-
-
-def _as_int(name: str, value: Any, minimum: int, fix: str) -> int:
-    """``value`` as a Python int ``>= minimum``, or a :class:`ConfigError` naming it."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"{name} must be an integer, got {value!r}; {fix}.")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}; {fix}.")
-    return int(value)
 
 
 def _max_chunks(value: int | None) -> int | None:

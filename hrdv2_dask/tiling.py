@@ -35,18 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import as_int as _as_int
 from .errors import ConfigError
 
 __all__ = ["TileGrid", "plan_tiles", "read_window", "reflect_index"]
-
-
-def _as_int(name: str, value: Any, minimum: int, fix: str) -> int:
-    """``value`` as a Python int ``>= minimum``, or a :class:`ConfigError` naming it and the fix."""
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ConfigError(f"{name} must be an integer, got {value!r}; {fix}.")
-    if value < minimum:
-        raise ConfigError(f"{name} must be >= {minimum}, got {value!r}; {fix}.")
-    return int(value)
 
 
 def _as_pair(name: str, value: Any, minimum: int | None, fix: str) -> tuple[int, int]:

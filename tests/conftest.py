@@ -36,3 +36,17 @@ def tiny_random_dinov2():
         return hd.load_backbone(
             "dinov2_vits14", weights="random", embed_dim=64, depth=2, num_heads=4
         )
+
+
+@pytest.fixture(scope="module")
+def local_client():
+    """An in-process Dask cluster (1 worker thread), closed after the module."""
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as c,
+        Client(c) as client,
+    ):
+        yield client

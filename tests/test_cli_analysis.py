@@ -18,18 +18,10 @@ TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
-    from distributed import Client, LocalCluster
-
+def store(tmp_path_factory, local_client):
     root = tmp_path_factory.mktemp("cli")
     img = make_sample_image(224, cells=4)
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as c,
-        Client(c) as client,
-        warnings.catch_warnings(),
-    ):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         hd.extract(
             img,
@@ -37,7 +29,7 @@ def store(tmp_path_factory):
             weights="random",
             tile=112,
             out_stride=2,
-            client=client,
+            client=local_client,
             progress=False,
             model_options=TINY,
         )

@@ -18,22 +18,14 @@ def test_sample_image_has_structure():
     assert img.std() > 20
 
 
-def test_demo_end_to_end(tmp_path):
-    from distributed import Client, LocalCluster
-
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as c,
-        Client(c) as client,
-        warnings.catch_warnings(),
-    ):
+def test_demo_end_to_end(tmp_path, local_client):
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         summary = run_demo(
             tmp_path,
             size=224,
             weights="random",
-            client=client,
+            client=local_client,
             progress=False,
             model_options=dict(embed_dim=64, depth=2, num_heads=4),
         )

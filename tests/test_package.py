@@ -14,7 +14,7 @@ import hrdv2_dask as hd
 
 PKG = Path(hd.__file__).parent
 TORCH_ONLY = ["backbones.py", "transforms.py", "ensemble.py", "weights.py", "preprocess.py"]
-NUMPY_ONLY = ["tiling.py"]
+NUMPY_ONLY = ["tiling.py", "_checks.py"]
 
 
 def _imports(path: Path) -> set[str]:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import warnings
-
 import dask
 import dask.array as da
 import numpy as np
 import pytest
 import tifffile
-import torch
 import zarr
 from distributed import Client, LocalCluster
 
@@ -21,14 +18,8 @@ TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
 
 @pytest.fixture(scope="module")
-def client():
-    with (
-        LocalCluster(
-            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-        ) as c,
-        Client(c) as cl,
-    ):
-        yield cl
+def client(local_client):
+    return local_client
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +33,8 @@ def image():
 
 
 @pytest.fixture(scope="module")
-def tiny_backbone():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hd.RandomWeightsWarning)
-        torch.manual_seed(0)
-        return hd.load_backbone("dinov2_vits14", weights="random", **TINY)
+def tiny_backbone(tiny_random_dinov2):
+    return tiny_random_dinov2
 
 
 def _read(store) -> np.ndarray:
