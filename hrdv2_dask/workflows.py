@@ -370,7 +370,7 @@ def run_analysis(step: AnalysisStep, features, out: Path) -> dict:
         outputs.write_png(labels, out / "clusters.png", palette=outputs.PALETTE)
         return {"cluster": [str(out / "clusters.zarr"), str(out / "clusters.png")]}
     if step.kind == "similarity":
-        sim = an.similarity(features, points=o["points"], box=o["box"])
+        sim = an.similarity(features, points=o["points"], box=o["box"], dtype="float16")
         outputs.write_array(sim, out / "similarity.zarr", attrs=attrs, overwrite=True)
         outputs.write_png(sim, out / "similarity.png")
         return {"similarity": [str(out / "similarity.zarr"), str(out / "similarity.png")]}
