@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .ensemble import highres_features
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .preprocess import normalize_batch
 from .tiling import TileGrid, reflect_index
 from .transforms import TransformSet
 
@@ -165,22 +165,8 @@ def _read_windows(source, plan: BlockPlan, windows: list[tuple[int, int]]) -> np
 
 
 def _normalise(windows: np.ndarray, value_range: tuple[float, float], device) -> torch.Tensor:
-    """Raw windows ``(n, t, t, c)`` → ``(n, 3, t, t)`` float32, the maths of ``normalize``."""
-    from .errors import InputError
-
-    x = torch.from_numpy(np.ascontiguousarray(windows)).to(device)
-    x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise InputError(
-            "The image has NaN or infinite pixels; fill or mask them first (e.g. np.nan_to_num)."
-        )
-    c = x.shape[-1]
-    x = x[..., :1].expand(*x.shape[:-1], 3) if c in (1, 2) else x[..., :3]
-    lo, hi = value_range
-    x = ((x - lo) / (hi - lo)).clamp_(0.0, 1.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device)
-    std = torch.tensor(IMAGENET_STD, device=device)
-    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
+    """Raw windows ``(n, t, t, c)`` → ``(n, 3, t, t)`` on ``device``, as ``normalize`` does."""
+    return normalize_batch(torch.from_numpy(np.ascontiguousarray(windows)).to(device), value_range)
 
 
 def sample_window_features(

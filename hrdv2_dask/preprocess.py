@@ -7,7 +7,14 @@ import torch
 
 from .errors import InputError
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "default_value_range", "normalize", "to_yxc"]
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "default_value_range",
+    "normalize",
+    "normalize_batch",
+    "to_yxc",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -36,7 +43,7 @@ def to_yxc(image: np.ndarray) -> np.ndarray:
     """View ``image`` as ``(H, W, C)``: YX, YXC (C <= 4) or CYX (C <= 4) layouts are accepted.
 
     >>> to_yxc(np.zeros((3, 20, 30))).shape, to_yxc(np.zeros((20, 30))).shape
-    ((20, 30, 1), (20, 30, 1))
+    ((20, 30, 3), (20, 30, 1))
     """
     arr = np.asarray(image)
     if arr.ndim == 2:
@@ -51,14 +58,6 @@ def to_yxc(image: np.ndarray) -> np.ndarray:
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise InputError(f"Image of shape {np.shape(image)} is empty.")
     return arr
-
-
-def _rgb(arr: np.ndarray) -> np.ndarray:
-    """(H, W, C) with C in 1..4 → (H, W, 3): gray is repeated, alpha dropped."""
-    c = arr.shape[-1]
-    if c in (1, 2):
-        return np.repeat(arr[..., :1], 3, axis=-1)
-    return arr[..., :3]
 
 
 def normalize(image: np.ndarray, *, value_range: tuple[float, float] | None = None) -> torch.Tensor:
@@ -92,17 +91,36 @@ def normalize(image: np.ndarray, *, value_range: tuple[float, float] | None = No
     """
     arr = to_yxc(image)
     lo, hi = value_range if value_range is not None else default_value_range(arr.dtype)
+    return normalize_batch(torch.from_numpy(np.ascontiguousarray(arr))[None], (lo, hi))[0]
+
+
+def normalize_batch(windows: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    """The maths of :func:`normalize` on a batch, on any device.
+
+    Parameters
+    ----------
+    windows : torch.Tensor
+        ``(n, H, W, C)`` raw intensities, C in 1..4 (gray, gray + alpha, RGB, RGBA).
+    value_range : (float, float)
+        Intensities mapped to 0 and 1 (clipped), the same for every window of an image.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(n, 3, H, W)`` float32, ImageNet mean/std normalised.
+    """
+    lo, hi = (float(v) for v in value_range)
     if not np.isfinite(lo) or not np.isfinite(hi) or hi <= lo:
         raise InputError(f"value_range must be finite with low < high, got {value_range!r}.")
-    arr = _rgb(arr).astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        bad = int((~np.isfinite(arr)).sum())
+    x = windows.to(torch.float32)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
         raise InputError(
-            f"Image of shape {np.shape(image)} has {bad} NaN or infinite values; fill or mask "
-            "them first (e.g. np.nan_to_num(image))."
+            f"Image of shape {tuple(windows.shape[1:])} has {bad} NaN or infinite values; fill or "
+            "mask them first (e.g. np.nan_to_num(image))."
         )
-    arr = np.clip((arr - lo) / (hi - lo), 0.0, 1.0)
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
-    arr = (arr - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+    x = x[..., :1].expand(*x.shape[:-1], 3) if x.shape[-1] in (1, 2) else x[..., :3]
+    x = ((x - lo) / (hi - lo)).clamp(0.0, 1.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device)
+    std = torch.tensor(IMAGENET_STD, device=x.device)
+    return ((x - mean) / std).permute(0, 3, 1, 2).contiguous()
