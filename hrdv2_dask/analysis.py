@@ -49,6 +49,7 @@ __all__ = [
     "fit_kmeans",
     "fit_pca",
     "fit_segmenter",
+    "pca_basis",
     "pca_rgb",
     "sample_pixels",
     "similarity",
@@ -360,8 +361,11 @@ def sample_pixels(
 # ---------------------------------------------------------------------------------------------
 
 
-def _pca(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Mean, top-``k`` components (sign: largest entry positive), their variances, total."""
+def pca_basis(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """PCA of samples ``x (n, C)``: mean, top-``k`` components, their variances, total variance.
+
+    Component signs are fixed (largest entry positive) so that fits are reproducible.
+    """
     mean = x.mean(axis=0, dtype=np.float64)
     cov = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
     for start in range(0, len(x), 16384):
@@ -640,7 +644,7 @@ def fit_pca(
         )
     fg_fields: dict[str, Any] = {}
     if foreground:
-        fg_mean, fg_axis, _, _ = _pca(x, 1)
+        fg_mean, fg_axis, _, _ = pca_basis(x, 1)
         score = (x - fg_mean) @ fg_axis[0]
         threshold = _otsu(score)
         above = score > threshold
@@ -666,7 +670,7 @@ def fit_pca(
         fg_fields = dict(
             fg_mean=fg_mean, fg_axis=fg_axis[0], fg_threshold=threshold, fg_above=fg_above
         )
-    mean, comps, variance, total = _pca(x, components)
+    mean, comps, variance, total = pca_basis(x, components)
     projected = (x - mean) @ comps.T
     lo, hi = np.percentile(projected, [1, 99], axis=0)
     return PCAModel(

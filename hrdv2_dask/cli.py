@@ -27,16 +27,15 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _transforms(args):
-    from .transforms import combine, flips, shifts
+    from .workflows import FeatureSettings
 
-    sets = [shifts(args.shifts, args.neighbourhood, args.boundary, patch_size=_patch(args.model))]
-    if args.flips:
-        sets.append(flips())
-    return combine(*sets)
-
-
-def _patch(model: str) -> int:
-    return 16 if "dinov3" in model or "patch16" in model else 14
+    return FeatureSettings(
+        model=args.model,
+        shifts=args.shifts,
+        neighbourhood=args.neighbourhood,
+        boundary=args.boundary,
+        flips=args.flips,
+    ).transforms()
 
 
 def _features(args) -> int:

@@ -11,9 +11,11 @@ import uuid
 import warnings
 from typing import Any
 
+import dask
 import numpy as np
 
 from ._version import __version__
+from .analysis import pca_basis
 from .backbones import RandomWeightsWarning, load_backbone, model_spec
 from .cluster import cluster_client, resolve_device
 from .errors import ConfigError, InputError
@@ -23,7 +25,6 @@ from .graph import (
     SourceReader,
     block_windows_count,
     build_tasks,
-    fit_projection,
     sample_window_features,
 )
 from .io.readers import open_image
@@ -68,12 +69,9 @@ def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[
     ids = [(j, i) for j in grid[0] for i in grid[1]]
     rng = np.random.default_rng(seed)
     picked = sorted(rng.choice(len(ids), size=min(max_chunks, len(ids)), replace=False))
-    sample = np.concatenate(
-        [
-            np.asarray(data.blocks[ids[k][0], ids[k][1]].compute()).reshape(-1, data.shape[-1])
-            for k in picked
-        ]
-    )[:, :3].astype(np.float64)
+    blocks = dask.compute(*[data.blocks[ids[k][0], ids[k][1]] for k in picked])
+    sample = np.concatenate([np.asarray(b).reshape(-1, data.shape[-1]) for b in blocks])
+    sample = sample[:, :3].astype(np.float64)
     if not np.isfinite(sample).all():
         raise InputError(
             "The image has NaN or infinite pixels; fill or mask them first (e.g. np.nan_to_num)."
@@ -211,8 +209,9 @@ def extract(
     threads = None
     if client is None and options.get("scheduler") is None:
         threads = max(1, (os.cpu_count() or 1) // (workers or 1))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", RandomWeightsWarning)
+    with warnings.catch_warnings():
+        # load_backbone warns about random weights; the warning below names the store instead.
+        warnings.simplefilter("ignore", RandomWeightsWarning)
         recipe, local, model_name = _backbone_recipe(
             backbone,
             weights,
@@ -221,9 +220,7 @@ def extract(
             dict(options.get("model_options") or {}),
             threads,
         )
-    random_weights = getattr(local, "weights_origin", "") == "random" or any(
-        issubclass(c.category, RandomWeightsWarning) for c in caught
-    )
+    random_weights = getattr(local, "weights_origin", "") == "random"
     if random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
@@ -275,7 +272,8 @@ def extract(
         # workers), then every worker projects its windows before blending.
         log.info("fitting a %d-component PCA on sample windows", components)
         sample = sample_window_features(SourceReader(data), plan, local)
-        projection = fit_projection(sample, components)
+        mean, comps, _, _ = pca_basis(sample, components)
+        projection = (mean.astype(np.float32), comps.astype(np.float32))
         plan = dataclasses.replace(plan, channels=components, projection=projection)
     settings = {
         "model": model_name,
@@ -340,7 +338,6 @@ def extract(
 
 
 def _run(tasks, plan, done, *, client, scheduler, workers, device, progress, megapixels) -> None:
-    import dask
     from distributed import as_completed
     from tqdm.auto import tqdm
 

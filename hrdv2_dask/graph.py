@@ -207,16 +207,6 @@ def sample_window_features(
     return sample[np.sort(keep)]
 
 
-def fit_projection(sample: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
-    """PCA of ``sample (n, C)``: ``(mean (C,), components (K, C))`` float32, signs fixed."""
-    x = sample.astype(np.float64)
-    mean = x.mean(0)
-    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
-    comps = vt[:components]
-    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
-    return mean.astype(np.float32), comps.astype(np.float32)
-
-
 def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
     return [(j, i) for j in plan.chunk_range(jb, 0) for i in plan.chunk_range(ib, 1)]
 
@@ -317,7 +307,7 @@ def build_tasks(
     Returns
     -------
     dict
-        ``(jb, ib) -> (delayed halo, windows in the block, computed)``.
+        ``(jb, ib) ->`` the delayed halo strips of that block.
     """
     import dask
 

@@ -108,10 +108,15 @@ class FeatureSettings:
             )
 
     def transforms(self):
+        """The transform set these settings describe (shift lengths checked against the patch)."""
+        import re
+
+        from .backbones import model_spec
         from .transforms import combine, flips, shifts
 
-        patch = 16 if "16" in self.model.split("patch")[-1][:3] or "dinov3" in self.model else 14
-        sets = [shifts(self.shifts, self.neighbourhood, self.boundary, patch_size=patch)]
+        patch = re.search(r"patch(\d+)", model_spec(self.model).timm_name)
+        patch_size = int(patch[1]) if patch else 14
+        sets = [shifts(self.shifts, self.neighbourhood, self.boundary, patch_size=patch_size)]
         if self.flips:
             sets.append(flips())
         return combine(*sets)
