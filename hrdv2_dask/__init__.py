@@ -9,7 +9,7 @@ The core works on batches of images in memory::
 
 from ._version import __version__
 from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
-from .ensemble import highres_features, output_shape
+from .ensemble import highres_features, output_shape, position_bias
 from .errors import (
     ConfigError,
     Hrdv2Error,
@@ -21,6 +21,7 @@ from .errors import (
     WeightsNotFoundError,
 )
 from .extract import extract
+from .heads import LinearHead
 from .io import ImageMeta, open_features, open_image
 from .preprocess import normalize
 from .transforms import (
@@ -43,6 +44,7 @@ __all__ = [
     "Hrdv2Error",
     "IncompleteStoreError",
     "InputError",
+    "LinearHead",
     "MeanPool",
     "RandomWeightsWarning",
     "Rotate",
@@ -63,6 +65,7 @@ __all__ = [
     "open_features",
     "open_image",
     "output_shape",
+    "position_bias",
     "rotations",
     "shifts",
 ]

@@ -185,3 +185,54 @@ def test_peak_memory_17_views_within_3x_of_1():
     assert peaks[17]["transforms"] == 17
     assert peaks[17]["peak_growth"] < 3 * peaks[1]["peak_growth"]
     assert peaks[17]["peak_growth"] < 3 * peaks[17]["output_bytes"]
+
+
+@pytest.mark.parametrize("out_stride", [1, 3])
+@pytest.mark.parametrize("name", sorted(SETS))
+def test_fused_resample_equals_gather_reference(tiny_random_dinov2, name, out_stride):
+    img = torch.randn(2, 3, 45, 60, generator=torch.Generator().manual_seed(5))
+    kw = dict(out_stride=out_stride, batch_size=3)
+    fused = hd.highres_features(img, tiny_random_dinov2, SETS[name], fused=True, **kw)
+    gather = hd.highres_features(img, tiny_random_dinov2, SETS[name], fused=False, **kw)
+    assert float((fused - gather).abs().max() / gather.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_linear_head_first_equals_head_after(tiny_random_dinov2, fused):
+    """Resample, invert and average are linear and keep constants: an affine head commutes."""
+    g = torch.Generator().manual_seed(6)
+    img = torch.randn(2, 3, 56, 70, generator=g)
+    ts = hd.combine(hd.shifts((1, 2)), hd.flips(), hd.rotations())
+    head = hd.LinearHead.from_pca(
+        torch.randn(64, generator=g).numpy(), torch.randn(5, 64, generator=g).numpy()
+    )
+    first = hd.highres_features(img, tiny_random_dinov2, ts, head=head, fused=fused)
+    full = hd.highres_features(img, tiny_random_dinov2, ts, fused=fused)
+    after = head.apply(full)
+    assert first.shape == (2, 5, 56, 70)
+    assert float((first - after).abs().max() / after.abs().max()) < 1e-5
+
+
+def test_token_bias_removes_the_mean_pattern_exactly(tiny_random_dinov2):
+    """Debiased with the bias of the same windows, their mean map is flat per channel."""
+    windows = torch.randn(6, 3, 56, 56, generator=torch.Generator().manual_seed(7))
+    ts = hd.shifts()
+    bias = hd.position_bias(windows, tiny_random_dinov2, ts)
+    assert len(bias) == len(ts) and bias[0].shape == (64, 4, 4)
+    assert float(bias[0].mean(dim=(1, 2)).abs().max()) < 1e-5  # the overall mean is kept
+    plain = hd.highres_features(windows, tiny_random_dinov2, ts).mean(0)
+    clean = hd.highres_features(windows, tiny_random_dinov2, ts, token_bias=bias).mean(0)
+    spread = clean.amax(dim=(1, 2)) - clean.amin(dim=(1, 2))
+    assert float(spread.max()) < 1e-4 * float(plain.abs().max())
+    # plain features do carry a within-window pattern, so the test can fail
+    assert float((plain.amax(dim=(1, 2)) - plain.amin(dim=(1, 2))).max()) > 0.1
+
+
+def test_head_and_bias_errors(tiny_random_dinov2):
+    img = torch.zeros(3, 28, 28)
+    with pytest.raises(hd.ConfigError, match="64 channels"):
+        hd.highres_features(img, tiny_random_dinov2, head=hd.LinearHead(np.ones((2, 3))))
+    with pytest.raises(hd.ConfigError, match="9 transforms"):
+        hd.highres_features(img, tiny_random_dinov2, token_bias=[np.zeros((64, 2, 2))])
+    with pytest.raises(hd.ConfigError, match="bias must have shape"):
+        hd.LinearHead(np.ones((2, 3)), np.ones(3))

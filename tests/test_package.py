@@ -13,7 +13,14 @@ import pytest
 import hrdv2_dask as hd
 
 PKG = Path(hd.__file__).parent
-TORCH_ONLY = ["backbones.py", "transforms.py", "ensemble.py", "weights.py", "preprocess.py"]
+TORCH_ONLY = [
+    "backbones.py",
+    "transforms.py",
+    "ensemble.py",
+    "heads.py",
+    "weights.py",
+    "preprocess.py",
+]
 NUMPY_ONLY = ["tiling.py", "_checks.py"]
 
 
