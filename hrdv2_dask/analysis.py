@@ -41,6 +41,7 @@ import xarray as xr
 
 from ._checks import as_int as _as_int
 from .errors import ConfigError, InputError
+from .masking import otsu_threshold
 
 __all__ = [
     "KMeansModel",
@@ -145,33 +146,6 @@ def _sklearn_missing(err: ImportError) -> ImportError:
         f"scikit-learn is needed for k-means and scribble segmentation ({err}); install it "
         "with `pip install scikit-learn`."
     )
-
-
-def _otsu(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of a 1-D sample (maximises the between-class variance).
-
-    Examples
-    --------
-    >>> v = np.r_[np.zeros(50), np.ones(50)]
-    >>> 0.0 < _otsu(v) < 1.0
-    True
-    """
-    values = np.asarray(values, dtype=np.float64)
-    values = values[np.isfinite(values)]
-    lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
-    if hi <= lo:
-        return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * centres)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m0 = s0 / w0
-        m1 = (s0[-1] - s0) / w1
-        between = w0 * w1 * (m0 - m1) ** 2
-    between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[int(np.argmax(between)) + 1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -646,7 +620,7 @@ def fit_pca(
     if foreground:
         fg_mean, fg_axis, _, _ = pca_basis(x, 1)
         score = (x - fg_mean) @ fg_axis[0]
-        threshold = _otsu(score)
+        threshold = otsu_threshold(score)
         above = score > threshold
         border = _border_mask(pos, data.shape[1:])
         if border.any():

@@ -59,6 +59,8 @@ def _features(args) -> int:
         overwrite=args.overwrite,
         progress=not args.quiet,
         components=args.components,
+        mask=args.mask,
+        debias=args.debias,
     )
     print(f"{args.output}: {dict(out.sizes)} {out.dtype}")
     return 0
@@ -176,6 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="keep K PCA channels (fitted on sample windows, projected on the workers)",
+    )
+    f.add_argument(
+        "--mask",
+        default=None,
+        help="skip background windows: 'auto' (bright background, e.g. slides), 'auto-dark', "
+        "or a mask image of the whole image at any scale (non-zero = foreground); "
+        "skipped cells are NaN",
+    )
+    f.add_argument(
+        "--debias",
+        type=int,
+        default=0,
+        metavar="N",
+        help="estimate the backbone's positional artefact over N windows and subtract it",
     )
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_features)

@@ -25,11 +25,14 @@ from .graph import (
     SourceReader,
     block_windows_count,
     build_tasks,
+    estimate_position_bias,
     sample_window_features,
 )
-from .io.readers import open_image
+from .heads import LinearHead
+from .io.readers import open_image, read_thumbnail
 from .io.store import RunStore, open_features
-from .tiling import plan_tiles
+from .masking import foreground_mask
+from .tiling import TileGrid, plan_tiles, windows_touching
 from .transforms import Transform, TransformSet, shifts
 
 __all__ = ["extract", "estimate_value_range"]
@@ -51,6 +54,8 @@ _OPTIONS = {
     "value_range",
     "model_options",
     "components",
+    "mask",
+    "debias",
 }
 
 
@@ -146,6 +151,64 @@ def _default_block(channels: int, chunk_cells: int, n_windows: tuple[int, int]) 
     return max(1, min(by_memory, 4, by_grid))
 
 
+_AUTO_MASKS = {"auto": "bright", "auto-dark": "dark"}
+
+
+def _mask_description(mask) -> str:
+    if isinstance(mask, np.ndarray):
+        import hashlib
+
+        digest = hashlib.sha1(np.packbits(mask.astype(bool)).tobytes()).hexdigest()[:12]
+        return f"array {mask.shape[0]}x{mask.shape[1]} sha1:{digest}"
+    return str(mask)
+
+
+def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> tuple[np.ndarray | None, str | None]:
+    """The windows to compute for ``mask`` (see :func:`extract`) and a description of it.
+
+    Returns ``(None, None)`` without a mask. Raises :class:`InputError` when the mask's aspect
+    ratio does not match the image or it has no foreground at all.
+    """
+    if mask is None:
+        return None, None
+    if isinstance(mask, str) and mask in _AUTO_MASKS:
+        fg = foreground_mask(read_thumbnail(data, max_side=1024), background=_AUTO_MASKS[mask])
+        origin = f"mask {mask!r}"
+    elif isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise InputError(f"A mask array must be 2-D (h, w), got shape {mask.shape}.")
+        fg, origin = mask.astype(bool), "the mask array"
+    elif isinstance(mask, str | os.PathLike):
+        mdata, _ = open_image(mask)
+        fg = read_thumbnail(mdata, max_side=4096)[..., 0] > 0
+        origin = f"mask file {str(mask)!r}"
+    else:
+        raise ConfigError(
+            f"mask must be 'auto', 'auto-dark', a path to a mask image or a 2-D array, got "
+            f"{mask!r}."
+        )
+    h, w = grid.image_shape
+    if abs(fg.shape[0] / fg.shape[1] - h / w) > 0.05 * (h / w) + 2 / min(fg.shape):
+        raise InputError(
+            f"{origin} of {fg.shape[0]}x{fg.shape[1]} px does not have the aspect ratio of "
+            f"{name} ({h}x{w} px); give a mask of the whole image at any scale."
+        )
+    if not fg.any():
+        raise InputError(
+            f"{origin} has no foreground (no non-zero pixel) for {name}; nothing would be "
+            "computed. Use another mask, or none."
+        )
+    compute = windows_touching(grid, fg)
+    log.info(
+        "%s: %d of %d windows touch the foreground (%.0f %% skipped)",
+        origin,
+        int(compute.sum()),
+        compute.size,
+        100 * (1 - compute.mean()),
+    )
+    return compute, _mask_description(mask)
+
+
 def extract(
     source,
     store: str | os.PathLike,
@@ -188,7 +251,13 @@ def extract(
         ``stride`` (stride trick), ``device`` (``"auto"``/``"cpu"``/``"cuda"``), ``workers``,
         ``scheduler`` (address), ``batch_size``, ``block`` (chunks per task side),
         ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``components``
-        (PCA channel reduction on the workers), ``model_options`` (dict passed to
+        (PCA channel reduction, applied on the workers to each view's low-resolution map before
+        upsampling), ``mask`` (``"auto"``: skip windows without foreground found by Otsu's
+        threshold on a thumbnail, background bright as on bright-field slides; ``"auto-dark"``:
+        background dark; a path to a mask image of the whole image at any scale, non-zero =
+        foreground; or a 2-D bool array; skipped cells read as NaN), ``debias`` (number of
+        windows over which the positional artefact of the backbone is estimated and then
+        subtracted from every window; 0 = off), ``model_options`` (dict passed to
         ``timm.create_model``).
 
     Returns
@@ -266,15 +335,27 @@ def extract(
         batch_size=options.get("batch_size"),
         store_path=str(store),
     )
+    compute, mask_desc = resolve_mask(
+        options.get("mask"), data, grid, name=str(meta.path or "the image")
+    )
+    plan = dataclasses.replace(plan, compute=compute)
+    debias = options.get("debias") or 0
+    if isinstance(debias, bool) or not isinstance(debias, int) or debias < 0:
+        raise ConfigError(f"debias must be a number of windows >= 0 (e.g. 16), got {debias!r}.")
+    token_bias = None
+    if debias:
+        log.info("estimating the positional artefact over %d windows", debias)
+        token_bias = estimate_position_bias(SourceReader(data), plan, local, n_windows=debias)
     projection = None
     if components is not None:
         # Fit the reduction on features of a few windows (client side, same maths as the
-        # workers), then every worker projects its windows before blending.
+        # workers), then every worker projects each view's low-res map before upsampling.
         log.info("fitting a %d-component PCA on sample windows", components)
-        sample = sample_window_features(SourceReader(data), plan, local)
+        sample = sample_window_features(SourceReader(data), plan, local, token_bias=token_bias)
         mean, comps, _, _ = pca_basis(sample, components)
         projection = (mean.astype(np.float32), comps.astype(np.float32))
-        plan = dataclasses.replace(plan, channels=components, projection=projection)
+        head = LinearHead.from_pca(*projection)
+        plan = dataclasses.replace(plan, channels=components, head=head)
     settings = {
         "model": model_name,
         "weights": "random" if random_weights else str(weights or "default"),
@@ -291,6 +372,8 @@ def extract(
         "source_shape": list(meta.shape),
         "block": block,
         "components": components,
+        "mask": mask_desc,
+        "debias": debias,
     }
     provenance = {
         "package": "hrdv2-dask",
@@ -298,6 +381,10 @@ def extract(
         "weights_origin": getattr(local, "weights_origin", None),
         "source": meta.to_dict(),
     }
+    if compute is not None:
+        provenance["computed_windows"] = int(compute.sum())
+        provenance["skipped_windows"] = int(compute.size - compute.sum())
+        provenance["fill_value"] = "NaN (cells that no computed window reaches)"
     if projection is not None:
         provenance["projection_mean"] = projection[0].tolist()
         provenance["projection_components"] = projection[1].tolist()
@@ -321,7 +408,14 @@ def extract(
         log.info("resuming %s: %d of %d blocks already done", store, int(done.sum()), done.size)
 
     run_id = uuid.uuid4().hex[:12]
-    tasks = build_tasks(plan, source=SourceReader(data), backbone=recipe, done=done, run_id=run_id)
+    tasks = build_tasks(
+        plan,
+        source=SourceReader(data),
+        backbone=recipe,
+        done=done,
+        run_id=run_id,
+        token_bias=token_bias,
+    )
     _run(
         tasks,
         plan,

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .ensemble import highres_features
+from .ensemble import highres_features, position_bias
+from .heads import LinearHead
 from .preprocess import normalize_batch
 from .tiling import TileGrid, reflect_index
 from .transforms import TransformSet
@@ -116,9 +117,16 @@ class BlockPlan:
     dtype: str
     batch_size: int | None
     store_path: str
-    # Optional linear reduction applied to each window's features before blending (exact:
-    # blending is linear with weights that sum to 1): out = components @ (f - mean).
-    projection: tuple[np.ndarray, np.ndarray] | None = None
+    # Optional linear head (e.g. a PCA projection) applied to each view's low-resolution map
+    # before upsampling; exact because resampling and blending are linear with weights that
+    # sum to 1. ``channels`` is then the head's output channels.
+    head: LinearHead | None = None
+    # (n_windows_y, n_windows_x) bool: windows to compute (None: all). Cells that no computed
+    # window covers stay NaN (the store's fill value).
+    compute: np.ndarray | None = field(default=None, compare=False)
+
+    def computes(self, j: int, i: int) -> bool:
+        return self.compute is None or bool(self.compute[j, i])
 
     @property
     def blend_cells(self) -> int:
@@ -165,8 +173,46 @@ def _read_windows(source, plan: BlockPlan, windows: list[tuple[int, int]]) -> np
 
 
 def _normalise(windows: np.ndarray, value_range: tuple[float, float], device) -> torch.Tensor:
-    """Raw windows ``(n, t, t, c)`` → ``(n, 3, t, t)`` on ``device``, as ``normalize`` does."""
-    return normalize_batch(torch.from_numpy(np.ascontiguousarray(windows)).to(device), value_range)
+    """Raw windows ``(n, t, t, c)`` → ``(n, 3, t, t)`` on ``device``, as ``normalize`` does.
+
+    The raw dtype (uint8 for most images) crosses to the GPU, from pinned memory, and is
+    normalised there.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(windows))
+    if device.type == "cuda":
+        x = x.pin_memory().to(device, non_blocking=True)
+    return normalize_batch(x, value_range)
+
+
+def _device(backbone) -> torch.device:
+    device = getattr(backbone, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
+
+
+def _pick_windows(plan: BlockPlan, n_windows: int, seed: int) -> list[tuple[int, int]]:
+    """Up to ``n_windows`` computed windows spread over the image, picked with ``seed``."""
+    ny, nx = plan.grid.n_windows
+    ids = [(j, i) for j in range(ny) for i in range(nx) if plan.computes(j, i)]
+    rng = np.random.default_rng(seed)
+    return [ids[k] for k in sorted(rng.choice(len(ids), min(n_windows, len(ids)), replace=False))]
+
+
+def estimate_position_bias(
+    source, plan: BlockPlan, backbone: Any, *, n_windows: int = 16, seed: int = 0
+) -> list[np.ndarray]:
+    """:func:`hrdv2_dask.position_bias` over ``n_windows`` windows of the image, per transform."""
+    bb = worker_backbone(backbone)
+    device = _device(bb)
+    picked = _pick_windows(plan, n_windows, seed)
+    sums = None
+    for start in range(0, len(picked), 4):
+        group = picked[start : start + 4]
+        x = _normalise(_read_windows(source, plan, group), plan.value_range, device)
+        part = position_bias(x, bb, plan.transforms, batch_size=plan.batch_size)
+        # position_bias is a mean minus its spatial mean: linear, so groups average exactly
+        part = [p * len(group) for p in part]
+        sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
+    return [(s_ / len(picked)).cpu().numpy() for s_ in sums]
 
 
 def sample_window_features(
@@ -174,33 +220,30 @@ def sample_window_features(
     plan: BlockPlan,
     backbone: Any,
     *,
+    token_bias: list[np.ndarray] | None = None,
     n_windows: int = 8,
     n_pixels: int = 50_000,
     seed: int = 0,
 ) -> np.ndarray:
     """Features of up to ``n_windows`` windows spread over the image → ``(n_pixels, C)`` sample."""
     g = plan.grid
-    ny, nx = g.n_windows
     rng = np.random.default_rng(seed)
-    all_ids = [(j, i) for j in range(ny) for i in range(nx)]
-    picked = [
-        all_ids[k]
-        for k in sorted(rng.choice(len(all_ids), min(n_windows, len(all_ids)), replace=False))
-    ]
     bb = worker_backbone(backbone)
-    device = getattr(bb, "device", torch.device("cpu"))
-    device = device if isinstance(device, torch.device) else torch.device("cpu")
+    device = _device(bb)
     mc = g.margin_px // g.out_stride
     rows = []
-    for window in picked:
+    for window in _pick_windows(plan, n_windows, seed):
         x = _normalise(_read_windows(source, plan, [window]), plan.value_range, device)
         f = highres_features(
-            x, bb, plan.transforms, out_stride=g.out_stride, batch_size=plan.batch_size
+            x,
+            bb,
+            plan.transforms,
+            out_stride=g.out_stride,
+            batch_size=plan.batch_size,
+            token_bias=token_bias,
         )[0]
         ys, xs = g.chunk_slices(*window)
-        f = f[
-            :, mc : mc + ys.stop - ys.start, mc : mc + xs.stop - xs.start
-        ]  # the window's own cells
+        f = f[:, mc : mc + ys.stop - ys.start, mc : mc + xs.stop - xs.start]  # its own cells
         rows.append(f.reshape(f.shape[0], -1).T.cpu().numpy())
     sample = np.concatenate(rows)
     keep = rng.choice(len(sample), min(n_pixels, len(sample)), replace=False)
@@ -208,7 +251,12 @@ def sample_window_features(
 
 
 def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
-    return [(j, i) for j in plan.chunk_range(jb, 0) for i in plan.chunk_range(ib, 1)]
+    return [
+        (j, i)
+        for j in plan.chunk_range(jb, 0)
+        for i in plan.chunk_range(ib, 1)
+        if plan.computes(j, i)
+    ]
 
 
 def run_block(
@@ -221,18 +269,22 @@ def run_block(
     plan: BlockPlan,
     source: Any,
     backbone: Any,
+    token_bias: list[np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream."""
+    """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream.
+
+    Windows are blended on the backbone's device; only the finished block (in the stored dtype)
+    and the thin strips cross back to the host.
+    """
     import zarr
 
     g = plan.grid
     bb = worker_backbone(backbone)
-    device = getattr(bb, "device", torch.device("cpu"))
-    if not isinstance(device, torch.device):
-        device = torch.device("cpu")
+    device = _device(bb)
     cc, bc, kc = g.chunk_cells, plan.blend_cells, plan.block_cells
     mc = g.margin_px // g.out_stride
-    acc = np.zeros((plan.channels + 1, kc + bc, kc + bc), np.float32)
+    inner = slice(mc, g.tile_cells - mc)
+    acc = torch.zeros((plan.channels + 1, kc + bc, kc + bc), dtype=torch.float32, device=device)
     windows = _block_windows(plan, jb, ib)
     n_views = len(plan.transforms)
     per_pass = max(1, (plan.batch_size or n_views) // n_views)
@@ -241,46 +293,43 @@ def run_block(
         group = windows[start : start + per_pass]
         x = _normalise(_read_windows(source, plan, group), plan.value_range, device)
         feats = highres_features(
-            x, bb, plan.transforms, out_stride=g.out_stride, batch_size=plan.batch_size
+            x,
+            bb,
+            plan.transforms,
+            out_stride=g.out_stride,
+            batch_size=plan.batch_size,
+            head=plan.head,
+            token_bias=token_bias,
         )
-        feats = feats[:, :, mc : g.tile_cells - mc, mc : g.tile_cells - mc]
-        if plan.projection is not None:
-            mean, comps = (torch.as_tensor(a, device=feats.device) for a in plan.projection)
-            feats = torch.einsum("kc,nchw->nkhw", comps, feats - mean[None, :, None, None])
-        feats = feats.cpu().numpy()
-        for (j, i), f in zip(group, feats, strict=True):
-            wgt = g.weights(j, i)[mc : g.tile_cells - mc, mc : g.tile_cells - mc].astype(np.float32)
+        for (j, i), f in zip(group, feats[:, :, inner, inner], strict=True):
+            wgt = torch.from_numpy(g.weights(j, i)[inner, inner].astype(np.float32)).to(device)
             r, c = (j - j0) * cc, (i - i0) * cc
-            acc[: plan.channels, r : r + cc + bc, c : c + cc + bc] += f * wgt
-            acc[plan.channels, r : r + cc + bc, c : c + cc + bc] += wgt
-    if top is not None:
-        acc[:, :bc, :kc] += top["bottom"]
-    if left is not None:
-        acc[:, :kc, :bc] += left["right"]
-    if corner is not None:
-        acc[:, :bc, :bc] += corner["corner"]
+            acc[: plan.channels, r : r + cc + bc, c : c + cc + bc].addcmul_(f, wgt)
+            acc[plan.channels, r : r + cc + bc, c : c + cc + bc].add_(wgt)
+        del feats
+    for strip, region in ((top, "bottom"), (left, "right"), (corner, "corner")):
+        if strip is not None:
+            part = torch.from_numpy(strip[region]).to(device)
+            acc[:, : part.shape[1], : part.shape[2]].add_(part)
 
     group_ = zarr.open_group(plan.store_path, mode="r+", zarr_format=3)
     n_rows, n_cols = g.out_shape
     ys = (jb * kc, min((jb + 1) * kc, n_rows))
     xs = (ib * kc, min((ib + 1) * kc, n_cols))
     rows, cols = ys[1] - ys[0], xs[1] - xs[0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        values = acc[: plan.channels, :rows, :cols] / acc[plan.channels, :rows, :cols]
-    group_["features"][:, ys[0] : ys[1], xs[0] : xs[1]] = values.astype(plan.dtype)
+    # 0 / 0 = NaN where no computed window reaches (skipped background): the fill value
+    values = acc[: plan.channels, :rows, :cols] / acc[plan.channels, :rows, :cols]
+    values = values.to(getattr(torch, plan.dtype)).cpu().numpy()
+    group_["features"][:, ys[0] : ys[1], xs[0] : xs[1]] = values
     halo = {
-        "bottom": acc[:, kc:, :kc],
-        "right": acc[:, :kc, kc:],
-        "corner": acc[:, kc:, kc:],
+        "bottom": acc[:, kc:, :kc].cpu().numpy(),
+        "right": acc[:, :kc, kc:].cpu().numpy(),
+        "corner": acc[:, kc:, kc:].cpu().numpy(),
     }
     run = group_["_run"]
     last_row, last_col = jb == plan.n_blocks[0] - 1, ib == plan.n_blocks[1] - 1
+    needed = {"bottom": not last_row, "right": not last_col, "corner": not (last_row or last_col)}
     for name, strip in halo.items():
-        needed = {
-            "bottom": not last_row,
-            "right": not last_col,
-            "corner": not (last_row or last_col),
-        }
         if needed[name]:
             run[f"halo_{name}"][jb, ib] = strip
     run["done"][jb, ib] = 1
@@ -296,11 +345,17 @@ def load_block_halo(jb: int, ib: int, *, plan: BlockPlan) -> dict[str, np.ndarra
 
 
 def block_windows_count(plan: BlockPlan, jb: int, ib: int) -> int:
-    return len(plan.chunk_range(jb, 0)) * len(plan.chunk_range(ib, 1))
+    return len(_block_windows(plan, jb, ib))
 
 
 def build_tasks(
-    plan: BlockPlan, *, source: Any, backbone: Any, done: np.ndarray, run_id: str
+    plan: BlockPlan,
+    *,
+    source: Any,
+    backbone: Any,
+    done: np.ndarray,
+    run_id: str,
+    token_bias: list[np.ndarray] | None = None,
 ) -> dict:
     """Delayed block tasks in wavefront order; finished blocks only reload their halos.
 
@@ -315,6 +370,8 @@ def build_tasks(
     # Shipped once per worker as keys of their own, not pickled into every task.
     source = dask.delayed(source, pure=True, name=f"hrdv2-source-{run_id}")
     backbone = dask.delayed(backbone, pure=True, name=f"hrdv2-backbone-{run_id}")
+    if token_bias is not None:
+        token_bias = dask.delayed(token_bias, pure=True, name=f"hrdv2-bias-{run_id}")
     run = dask.delayed(run_block, pure=False)
     load = dask.delayed(load_block_halo, pure=False)
     for jb in range(plan.n_blocks[0]):
@@ -332,6 +389,7 @@ def build_tasks(
                 plan=plan,
                 source=source,
                 backbone=backbone,
+                token_bias=token_bias,
                 dask_key_name=key,
             )
     return tasks

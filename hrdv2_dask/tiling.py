@@ -38,7 +38,7 @@ import numpy as np
 from ._checks import as_int as _as_int
 from .errors import ConfigError
 
-__all__ = ["TileGrid", "plan_tiles", "read_window", "reflect_index"]
+__all__ = ["TileGrid", "plan_tiles", "read_window", "reflect_index", "windows_touching"]
 
 
 def _as_pair(name: str, value: Any, minimum: int | None, fix: str) -> tuple[int, int]:
@@ -511,3 +511,53 @@ def plan_tiles(
         margin_px=margin,
         out_stride=s,
     )
+
+
+def windows_touching(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
+    """Which windows of ``grid`` overlap the True pixels of ``mask``.
+
+    Parameters
+    ----------
+    grid : TileGrid
+        The window grid of an image of ``grid.image_shape``.
+    mask : numpy.ndarray
+        ``(h, w)`` bool mask covering the whole image at any resolution (a thumbnail); mask
+        pixel ``(r, c)`` covers image pixels ``[r * H / h, (r + 1) * H / h)`` and likewise in x.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``grid.n_windows`` bool: True where the window's in-image pixels meet the mask. Pixels a
+        skipped window would have covered get no weight from it; every pixel of the mask's
+        foreground keeps all of its windows, so its features are unchanged.
+
+    Examples
+    --------
+    >>> g = plan_tiles((400, 400), tile_px=224, patch_px=14, stride_px=14, max_shift_px=1)
+    >>> m = np.zeros((4, 4), bool); m[1, 1] = True  # image pixels 100..199
+    >>> windows_touching(g, m).astype(int).tolist()
+    [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    """
+    m = np.asarray(mask)
+    if m.ndim != 2 or 0 in m.shape:
+        raise ConfigError(f"mask must be a non-empty 2-D array, got shape {m.shape}.")
+    m = m.astype(bool)
+    # summed-area table: any() over a rectangle in O(1)
+    sat = np.zeros((m.shape[0] + 1, m.shape[1] + 1), np.int64)
+    sat[1:, 1:] = m.cumsum(0).cumsum(1)
+    out = np.zeros(grid.n_windows, bool)
+    bounds = []
+    for axis in (0, 1):
+        n_px, n_mask = grid.image_shape[axis], m.shape[axis]
+        lo_hi = []
+        for j in range(grid.n_windows[axis]):
+            o = grid.window_origin(j, 0)[0] if axis == 0 else grid.window_origin(0, j)[1]
+            a, b = max(o, 0), min(o + grid.tile_px, n_px)
+            lo = int(np.floor(a * n_mask / n_px))
+            hi = max(lo + 1, int(np.ceil(b * n_mask / n_px)))
+            lo_hi.append((lo, min(hi, n_mask)))
+        bounds.append(lo_hi)
+    for j, (r0, r1) in enumerate(bounds[0]):
+        for i, (c0, c1) in enumerate(bounds[1]):
+            out[j, i] = sat[r1, c1] - sat[r0, c1] - sat[r1, c0] + sat[r0, c0] > 0
+    return out

@@ -77,6 +77,9 @@ class FeatureSettings:
     device: str = "auto"
     batch_size: int | None = None
     model_options: dict | None = None  # passed to timm.create_model (e.g. tiny test models)
+    components: int | None = None
+    mask: str | None = None  # "auto", "auto-dark" or a mask image path
+    debias: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(
@@ -106,6 +109,19 @@ class FeatureSettings:
                 isinstance(value, int) and value > 0,
                 f"features.{name} must be a positive integer, got {value!r}.",
             )
+        _check(
+            self.components is None or (isinstance(self.components, int) and self.components > 0),
+            f"features.components must be a positive integer or null, got {self.components!r}.",
+        )
+        _check(
+            self.mask is None or (isinstance(self.mask, str) and self.mask != ""),
+            "features.mask must be 'auto', 'auto-dark' or the path of a mask image, got "
+            f"{self.mask!r}.",
+        )
+        _check(
+            isinstance(self.debias, int) and not isinstance(self.debias, bool) and self.debias >= 0,
+            f"features.debias must be a number of windows >= 0 (e.g. 16), got {self.debias!r}.",
+        )
 
     def transforms(self):
         """The transform set these settings describe (shift lengths checked against the patch)."""
@@ -257,10 +273,13 @@ class Workflow:
             else s
             for s in steps
         )
+        features = _from_dict(FeatureSettings, data.get("features"), "features")
+        if features.mask is not None and features.mask not in ("auto", "auto-dark"):
+            features = dataclasses.replace(features, mask=resolve(features.mask))
         return cls(
             input=resolve(data["input"]),
             output_dir=resolve(data["output_dir"]),
-            features=_from_dict(FeatureSettings, data.get("features"), "features"),
+            features=features,
             cluster=_from_dict(ClusterSettings, data.get("cluster"), "cluster"),
             analyses=steps,
             sample_size=int(data.get("sample_size", 2048)),
@@ -330,6 +349,9 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
         batch_size=f.batch_size,
         progress=progress,
         model_options=f.model_options or {},
+        components=f.components,
+        mask=f.mask,
+        debias=f.debias,
     )
 
 

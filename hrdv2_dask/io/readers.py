@@ -322,6 +322,25 @@ def open_image(
     )
 
 
+def read_thumbnail(data: da.Array, *, max_side: int = 1024) -> np.ndarray:
+    """A subsampled copy of an opened image, at most ``max_side`` px along its longer side.
+
+    Every ``s``-th pixel (``s = ceil(max(H, W) / max_side)``) of a ``(y, x, c)`` array from
+    :func:`open_image`, read chunk by chunk; pixel ``(r, c)`` of the result is image pixel
+    ``(r * s, c * s)``. Each source chunk is read once (no pyramid level is needed).
+
+    Examples
+    --------
+    >>> data, _ = open_image(np.arange(100, dtype=np.uint8).reshape(10, 10))
+    >>> read_thumbnail(data, max_side=4)[..., 0].tolist()
+    [[0, 3, 6, 9], [30, 33, 36, 39], [60, 63, 66, 69], [90, 93, 96, 99]]
+    """
+    if max_side < 1:
+        raise InputError(f"max_side must be >= 1, got {max_side!r}.")
+    step = max(1, -(-max(data.shape[:2]) // int(max_side)))
+    return np.asarray(data[::step, ::step].compute())
+
+
 # ---------------------------------------------------------------------------------------------
 # In-memory sources
 # ---------------------------------------------------------------------------------------------
