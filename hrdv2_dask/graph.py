@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,6 +260,19 @@ def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
     ]
 
 
+def _prefetched(source, plan: BlockPlan, groups: list) -> Iterator[np.ndarray]:
+    """Raw windows of each group, the next group read in a thread while this one computes."""
+    if not groups:
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="hrdv2-read") as pool:
+        pending = pool.submit(_read_windows, source, plan, groups[0])
+        for k in range(len(groups)):
+            raw = pending.result()
+            if k + 1 < len(groups):
+                pending = pool.submit(_read_windows, source, plan, groups[k + 1])
+            yield raw
+
+
 def run_block(
     jb: int,
     ib: int,
@@ -289,9 +303,9 @@ def run_block(
     n_views = len(plan.transforms)
     per_pass = max(1, (plan.batch_size or n_views) // n_views)
     j0, i0 = jb * plan.block, ib * plan.block
-    for start in range(0, len(windows), per_pass):
-        group = windows[start : start + per_pass]
-        x = _normalise(_read_windows(source, plan, group), plan.value_range, device)
+    groups = [windows[k : k + per_pass] for k in range(0, len(windows), per_pass)]
+    for group, raw in zip(groups, _prefetched(source, plan, groups), strict=True):
+        x = _normalise(raw, plan.value_range, device)
         feats = highres_features(
             x,
             bb,
