@@ -534,9 +534,3 @@ def test_coarsen_mean_is_chunking_invariant(h, w, factor, chunk):
             window = a[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor]
             ref[i, j] = window.mean(axis=(0, 1))
     np.testing.assert_allclose(got, ref)
-
-
-def test_otsu_splits_two_modes():
-    rng = np.random.default_rng(0)
-    values = np.r_[rng.normal(-3, 0.5, 700), rng.normal(4, 0.5, 300)]
-    assert -1.5 < an._otsu(values) < 2.5

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import hrdv2_dask as hd
 from hrdv2_dask.cli import main
-from hrdv2_dask.masking import foreground_mask
+from hrdv2_dask.masking import foreground_mask, otsu_threshold
 from hrdv2_dask.tiling import plan_tiles, windows_touching
 
 
@@ -24,6 +24,12 @@ def slide():
     tissue = (np.sin(xx / 5.0) * np.cos(yy / 7.0) * 50 + 110).astype(np.uint8)
     img[blob] = np.stack([tissue, tissue // 2 + 40, tissue], -1)[blob]
     return img, blob
+
+
+def test_otsu_splits_two_modes():
+    rng = np.random.default_rng(0)
+    values = np.r_[rng.normal(-3, 0.5, 700), rng.normal(4, 0.5, 300)]
+    assert -1.5 < otsu_threshold(values) < 2.5
 
 
 def test_foreground_mask_finds_the_tissue(slide):
