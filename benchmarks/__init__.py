@@ -1,0 +1,23 @@
+"""Benchmark suite of hrdv2-dask: ``python -m benchmarks SUITE [options] --out DIR``.
+
+Suites (one module each):
+
+``core``
+    ``highres_features`` against the backbone alone and the naive recipe, in memory
+    (time, ratio, MP/s, peak host and device memory).
+``e2e``
+    End-to-end ``extract`` of a synthetic chunked Zarr image (wall time, MP/s, peak RSS),
+    1 vs 2 CPU workers.
+``seams``
+    Tiled vs whole-image features on a homogeneous micrograph: seam ratio, relative L2 error and
+    the periodic-artefact power at the window stride, with and without ``debias``.
+``quality``
+    k-means on the features of a texture mosaic with a known layout: mIoU (Hungarian
+    matching) and boundary F-score, for low-res bilinear, stride trick, HR-Dv2 and both.
+
+Each writes ``DIR/SUITE.json`` (results and an ``environment`` block) and ``DIR/SUITE.md`` (a
+Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
+:mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
+"""
+
+SUITES = ("core", "e2e", "seams", "quality")
