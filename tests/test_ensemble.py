@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +11,6 @@ import torch.nn.functional as F
 import hrdv2_dask as hd
 from hrdv2_dask.transforms import grid_coords, pad_reflect
 
-ROOT = Path(__file__).resolve().parents[1]
 
 SETS = {
     "shifts": hd.shifts((1, 2, 3)),
@@ -172,19 +167,19 @@ def test_bad_arguments(call, exc):
 
 def test_peak_memory_17_views_within_3x_of_1():
     """384 channels at 518² (an output map is 412 MB): memory must not grow with the views."""
-    peaks = {}
-    for n in (1, 17):
-        res = subprocess.run(
-            [sys.executable, "-m", "benchmarks._peak_memory", str(n), "1"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        peaks[n] = json.loads(res.stdout.strip().splitlines()[-1])
-    assert peaks[17]["transforms"] == 17
-    assert peaks[17]["peak_growth"] < 3 * peaks[1]["peak_growth"]
-    assert peaks[17]["peak_growth"] < 3 * peaks[17]["output_bytes"]
+    from benchmarks.common import BackboneSpec, run_isolated
+    from benchmarks.core import probe_memory
+
+    spec = BackboneSpec(model_options=(("depth", 1),))
+    peaks = {
+        n: run_isolated(
+            probe_memory, spec=spec, size=518, n_views=n, methods=["ensemble"], batch_size=4
+        )["ensemble"]["host_bytes"]
+        for n in (1, 17)
+    }
+    output_bytes = 384 * 518 * 518 * 4
+    assert peaks[17] < 3 * peaks[1]
+    assert peaks[17] < 3 * output_bytes
 
 
 @pytest.mark.parametrize("out_stride", [1, 3])
