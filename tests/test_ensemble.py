@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
@@ -10,7 +9,6 @@ import torch.nn.functional as F
 
 import hrdv2_dask as hd
 from hrdv2_dask.transforms import grid_coords, pad_reflect
-
 
 SETS = {
     "shifts": hd.shifts((1, 2, 3)),
