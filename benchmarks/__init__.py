@@ -11,6 +11,9 @@ Suites (one module each):
 ``seams``
     Tiled vs whole-image features on a homogeneous micrograph: seam ratio, relative L2 error and
     the periodic-artefact power at the window stride, with and without ``debias``.
+``mask``
+    Background skipping: ``extract`` on a slide-like image that is 60 % glass, without and with
+    ``mask="auto"`` (wall time, windows computed, speed-up, foreground identical).
 ``quality``
     k-means on the features of a texture mosaic with a known layout: mIoU (Hungarian
     matching) and boundary F-score, for low-res bilinear, stride trick, HR-Dv2 and both.
@@ -20,4 +23,4 @@ Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
 :mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
 """
 
-SUITES = ("core", "e2e", "seams", "quality")
+SUITES = ("core", "e2e", "seams", "mask", "quality")

@@ -140,8 +140,12 @@ def run_once(
     out_stride: int,
     components: int | None,
     progress: bool,
+    mask: str | None = None,
 ) -> dict[str, Any]:
     """One timed ``extract`` run; returns its row."""
+    import torch
+
+    torch.manual_seed(spec.seed)  # random weights: the same model for every run
     with (
         quiet_random_weights(),
         _run_phase_time() as phase,
@@ -162,6 +166,7 @@ def run_once(
             workers=workers,
             components=components,
             model_options=dict(spec.model_options),
+            mask=mask,
             overwrite=True,
             progress=progress,
         )
@@ -178,6 +183,7 @@ def run_once(
         "megapixels": h * w / 1e6,
         "mps": h * w / 1e6 / wall,
         "windows": windows,
+        "computed_windows": fe.attrs.get("computed_windows", windows),
         "s_per_window": wall / windows,
         "peak_rss_mb": round(sampler.peak_rss / 2**20),
         "peak_device_mb": (
