@@ -9,6 +9,7 @@ The core works on batches of images in memory::
 
 from ._version import __version__
 from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
+from .cluster import ClusterError, MissingExtraError
 from .ensemble import highres_features, output_shape
 from .errors import (
     ConfigError,
@@ -37,6 +38,7 @@ from .transforms import (
 
 __all__ = [
     "Backbone",
+    "ClusterError",
     "Compose",
     "ConfigError",
     "Flip",
@@ -44,6 +46,7 @@ __all__ = [
     "IncompleteStoreError",
     "InputError",
     "MeanPool",
+    "MissingExtraError",
     "RandomWeightsWarning",
     "Rotate",
     "Shift",
