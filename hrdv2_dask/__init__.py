@@ -9,6 +9,7 @@ The core works on batches of images in memory::
 
 from ._version import __version__
 from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
+from .cluster import ClusterError, MissingExtraError
 from .ensemble import highres_features, output_shape, position_bias
 from .errors import (
     ConfigError,
@@ -38,6 +39,7 @@ from .transforms import (
 
 __all__ = [
     "Backbone",
+    "ClusterError",
     "Compose",
     "ConfigError",
     "Flip",
@@ -46,6 +48,7 @@ __all__ = [
     "InputError",
     "LinearHead",
     "MeanPool",
+    "MissingExtraError",
     "RandomWeightsWarning",
     "Rotate",
     "Shift",

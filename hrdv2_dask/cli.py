@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from .cluster import CLUSTERS
 from .errors import Hrdv2Error
 
 log = logging.getLogger("hrdv2_dask")
@@ -24,6 +25,19 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated integers, got {text!r}"
         ) from err
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` with the value read as YAML (``depth=2`` is an int, ``x=true`` a bool)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. depth=2), got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise argparse.ArgumentTypeError(f"cannot read the value of {text!r}: {err}") from err
 
 
 def _transforms(args):
@@ -55,12 +69,14 @@ def _features(args) -> int:
         device=args.device,
         workers=args.workers,
         scheduler=args.scheduler,
+        cluster=args.cluster,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=not args.quiet,
         components=args.components,
         mask=args.mask,
         debias=args.debias,
+        model_options=dict(args.model_option),
     )
     print(f"{args.output}: {dict(out.sizes)} {out.dtype}")
     return 0
@@ -157,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("output", help="output Zarr store (created or resumed)")
     f.add_argument("--model", default="dinov2_vits14", help="hub or timm model name")
     f.add_argument("--weights", default=None, help="checkpoint path, or 'random' (testing only)")
+    f.add_argument(
+        "--model-option",
+        type=_key_value,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="passed to timm.create_model, repeatable (e.g. depth=2 for a small test model)",
+    )
     f.add_argument("--shifts", type=_ints, default=(1,), help="shift magnitudes in px, e.g. 1,2")
     f.add_argument("--neighbourhood", choices=["moore", "von_neumann"], default="moore")
     f.add_argument("--boundary", choices=["reflect", "periodic"], default="reflect")
@@ -167,8 +191,24 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out-stride", type=int, default=1, help="pixels per output cell")
     f.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     f.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    f.add_argument("--workers", type=int, default=None, help="local worker processes")
-    f.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    f.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes (local), GPUs (cuda) or SLURM jobs (slurm)",
+    )
+    f.add_argument(
+        "--cluster",
+        choices=CLUSTERS,
+        default="local",
+        help="cluster to start: embedded (default), one worker per GPU (needs hrdv2-dask[cuda]) "
+        "or SLURM jobs (needs hrdv2-dask[hpc]; settings from the Dask config)",
+    )
+    f.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of an existing Dask scheduler (instead of --cluster)",
+    )
     f.add_argument("--batch-size", type=int, default=None, help="images per backbone call")
     f.add_argument(
         "--overwrite", action="store_true", help="replace a store made with other settings"

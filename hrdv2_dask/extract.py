@@ -17,7 +17,14 @@ import numpy as np
 from ._version import __version__
 from .analysis import pca_basis
 from .backbones import RandomWeightsWarning, load_backbone, model_spec
-from .cluster import cluster_client, resolve_device
+from .cluster import (
+    ClusterError,
+    check_deployment,
+    check_device,
+    cluster_client,
+    resolve_device,
+    task_resources,
+)
 from .errors import ConfigError, InputError
 from .graph import (
     BackboneRecipe,
@@ -45,6 +52,8 @@ _OPTIONS = {
     "device",
     "workers",
     "scheduler",
+    "cluster",
+    "slurm",
     "batch_size",
     "block",
     "overwrite",
@@ -248,9 +257,12 @@ def extract(
     client : distributed.Client, optional
         Run on this client; default: start and close an embedded LocalCluster.
     **options
-        ``stride`` (stride trick), ``device`` (``"auto"``/``"cpu"``/``"cuda"``), ``workers``,
-        ``scheduler`` (address), ``batch_size``, ``block`` (chunks per task side),
-        ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``components``
+        ``stride`` (stride trick), ``device`` (``"auto"``/``"cpu"``/``"cuda"``; ``"auto"`` is
+        resolved on each worker unless the cluster is the embedded one), ``workers``,
+        ``scheduler`` (address), ``cluster`` (``"local"``/``"cuda"``/``"slurm"``) and ``slurm``
+        (:class:`~hrdv2_dask.workflows.SlurmSettings`), see
+        :func:`~hrdv2_dask.cluster.cluster_client`; ``batch_size``, ``block`` (chunks per task
+        side), ``overwrite``, ``progress``, ``axes``, ``level``, ``value_range``, ``components``
         (PCA channel reduction, applied on the workers to each view's low-resolution map before
         upsampling), ``mask`` (``"auto"``: skip windows without foreground found by Otsu's
         threshold on a thumbnail, background bright as on bright-field slides; ``"auto-dark"``:
@@ -270,13 +282,25 @@ def extract(
         raise ConfigError(f"Unknown option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}.")
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"dtype must be 'float16' or 'float32', got {dtype!r}.")
-    device = resolve_device(options.get("device", "auto"))
+    check_deployment(
+        scheduler=options.get("scheduler"),
+        cluster=options.get("cluster", "local"),
+        slurm=options.get("slurm"),
+    )
+    embedded = (
+        client is None
+        and options.get("scheduler") is None
+        and options.get("cluster", "local") == "local"
+    )
+    device = options.get("device", "auto")
+    # The embedded cluster runs on this machine; elsewhere each worker resolves "auto" itself.
+    device = resolve_device(device) if embedded else check_device(device)
     workers = options.get("workers")
     data, meta = open_image(source, options.get("axes"), level=options.get("level", 0))
     h, w = meta.shape[:2]
 
     threads = None
-    if client is None and options.get("scheduler") is None:
+    if embedded:
         threads = max(1, (os.cpu_count() or 1) // (workers or 1))
     with warnings.catch_warnings():
         # load_backbone warns about random weights; the warning below names the store instead.
@@ -420,8 +444,11 @@ def extract(
         tasks,
         plan,
         done,
+        recipe=recipe,
         client=client,
         scheduler=options.get("scheduler"),
+        cluster=options.get("cluster", "local"),
+        slurm=options.get("slurm"),
         workers=workers,
         device=device,
         progress=options.get("progress", True),
@@ -431,9 +458,22 @@ def extract(
     return open_features(store)
 
 
-def _run(tasks, plan, done, *, client, scheduler, workers, device, progress, megapixels) -> None:
-    from distributed import as_completed
-    from tqdm.auto import tqdm
+def _run(
+    tasks,
+    plan,
+    done,
+    *,
+    recipe,
+    client,
+    scheduler,
+    cluster,
+    slurm,
+    workers,
+    device,
+    progress,
+    megapixels,
+) -> None:
+    from .preload import backbone_on_workers
 
     todo = {k: v for k, v in tasks.items() if not done[k]}
     counts = [
@@ -441,20 +481,40 @@ def _run(tasks, plan, done, *, client, scheduler, workers, device, progress, meg
     ]
     total = sum(block_windows_count(plan, *k) for k in todo)
     t0 = time.perf_counter()
-    with cluster_client(client, scheduler=scheduler, workers=workers, device=device) as c:
-        resources = {"GPU": 1} if device.startswith("cuda") else None
-        futures = c.compute(counts, optimize_graph=False, resources=resources)
-        bar = tqdm(total=total, unit="win", disable=not progress, desc="windows")
-        try:
-            for fut in as_completed(futures):
-                bar.update(fut.result())
-                rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix_str(f"{rate:.2f} MP/s")
-        finally:
-            bar.close()
-            for fut in futures:
-                fut.cancel()
+    with cluster_client(
+        client, scheduler=scheduler, cluster=cluster, workers=workers, device=device, slurm=slurm
+    ) as c:
+        resources = task_resources(c, device)
+        with backbone_on_workers(c, recipe, resources=resources):
+            # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
+            # results that later blocks need are recomputed from the graph.
+            futures = c.compute(counts, optimize_graph=False, resources=resources)
+            _show_progress(futures, total=total, megapixels=megapixels, progress=progress)
     log.info("%d windows in %.1f s", total, time.perf_counter() - t0)
+
+
+def _show_progress(futures, *, total: int, megapixels: float, progress: bool) -> None:
+    """Wait for the block futures, with a progress bar of windows and megapixels per second."""
+    from distributed import KilledWorker, as_completed
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, unit="win", disable=not progress, desc="windows")
+    try:
+        for fut in as_completed(futures):
+            bar.update(fut.result())
+            rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix_str(f"{rate:.2f} MP/s")
+    except KilledWorker as err:
+        # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
+        raise ClusterError(
+            f"{' '.join(str(err).split())} If the workers ran out of memory, lower --batch-size "
+            "or --tile, or give them more; rerun the same command to resume."
+        ) from err
+    finally:
+        bar.close()
+        for fut in futures:
+            fut.cancel()
 
 
 def _count(_halo, n: int) -> int:

@@ -71,9 +71,9 @@ class BackboneRecipe:
         import warnings
 
         from .backbones import RandomWeightsWarning, load_backbone
+        from .cluster import resolve_device
 
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        device = resolve_device(self.device)  # "auto" resolves here, on the worker
         if self.factory is not None:
             bb = self.factory()
         else:
@@ -84,12 +84,12 @@ class BackboneRecipe:
                     self.name,
                     self.weights,
                     self.stride,
-                    self.device,
+                    device,
                     download=False,
                     **dict(self.overrides),
                 )
         if isinstance(bb, torch.nn.Module):
-            bb = bb.to(self.device).eval()
+            bb = bb.to(device).eval()
         return bb
 
 
@@ -102,7 +102,10 @@ def worker_backbone(recipe: BackboneRecipe | Any) -> Any:
         if key not in _MODELS:
             log.info("building backbone %s on %s", recipe.name or recipe.factory, recipe.device)
             _MODELS[key] = recipe.build()
-        return _MODELS[key]
+    if recipe.threads:
+        # Per calling thread with OpenMP: the model may have been built in another thread.
+        torch.set_num_threads(recipe.threads)
+    return _MODELS[key]
 
 
 @dataclass(frozen=True)

@@ -19,16 +19,19 @@ import dataclasses
 import difflib
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .cluster import CLUSTERS
 from .errors import ConfigError
 
 __all__ = [
     "AnalysisStep",
     "ClusterSettings",
     "FeatureSettings",
+    "SlurmSettings",
     "Workflow",
     "load_workflow",
     "run_workflow",
@@ -143,18 +146,124 @@ class FeatureSettings:
         return d
 
 
-@dataclass(frozen=True)
-class ClusterSettings:
-    """The ``cluster`` section: where the Dask graph runs."""
+_WALLTIME = re.compile(r"(\d+-\d{1,2}(:\d{2}){0,2}|\d+(:\d{2}){0,2})")
 
-    workers: int | None = None
-    scheduler: str | None = None
+
+def _optional_text(value: Any, where: str) -> None:
+    _check(
+        value is None or (isinstance(value, str) and value.strip() != ""),
+        f"{where} must be a non-empty string or null, got {value!r}.",
+    )
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """The ``cluster.slurm`` section: one SLURM job per Dask worker (dask-jobqueue).
+
+    Settings left ``null`` come from the Dask config (``jobqueue.slurm``) or SLURM's defaults.
+    The number of jobs is ``cluster.workers``.
+    """
+
+    queue: str | None = None  # partition (#SBATCH -p)
+    account: str | None = None  # #SBATCH -A
+    walltime: str | None = None  # "HH:MM:SS" or "D-HH:MM:SS"
+    cores: int | None = None  # CPU cores booked per job (torch threads)
+    memory: str | None = None  # memory per job, e.g. "32GB"
+    gpus_per_job: int = 1  # 0: CPU jobs; 1: one GPU per job (--gres=gpu:1, GPU resource)
+    job_extra: tuple[str, ...] = ()  # more #SBATCH lines, e.g. ["--constraint=a100"]
+    local_directory: str | None = None  # node-local scratch for the workers
+    python: str | None = None  # the workers' python (default: this one)
 
     def __post_init__(self) -> None:
+        for name in ("queue", "account", "local_directory", "python"):
+            _optional_text(getattr(self, name), f"cluster.slurm.{name}")
+        _check(
+            self.walltime is None
+            or (isinstance(self.walltime, str) and _WALLTIME.fullmatch(self.walltime)),
+            "cluster.slurm.walltime must be a SLURM time such as '02:00:00' or '1-00:00:00' "
+            f"(quoted in YAML), got {self.walltime!r}.",
+        )
+        _check(
+            self.cores is None or (isinstance(self.cores, int) and self.cores > 0),
+            f"cluster.slurm.cores must be a positive integer, got {self.cores!r}.",
+        )
+        _check(
+            self.memory is None or (isinstance(self.memory, str) and _bytes(self.memory) > 0),
+            f"cluster.slurm.memory must be an amount such as '32GB', got {self.memory!r}.",
+        )
+        _check(
+            self.gpus_per_job in (0, 1) and not isinstance(self.gpus_per_job, bool),
+            "cluster.slurm.gpus_per_job must be 0 (CPU jobs) or 1 (one Dask worker per GPU; "
+            f"for N GPUs set cluster.workers: N), got {self.gpus_per_job!r}.",
+        )
+        extra = self.job_extra
+        _check(
+            isinstance(extra, list | tuple) and all(isinstance(e, str) and e for e in extra),
+            f"cluster.slurm.job_extra must be a list of #SBATCH options such as "
+            f"['--constraint=a100'], got {extra!r}.",
+        )
+        object.__setattr__(self, "job_extra", tuple(extra))
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "job_extra": list(self.job_extra)}
+
+
+def _bytes(text: str) -> int:
+    from dask.utils import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError:
+        return 0
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """The ``cluster`` section: where the Dask graph runs.
+
+    ``kind`` is ``local`` (an embedded LocalCluster), ``cuda`` (one worker per GPU of this
+    host, dask-cuda) or ``slurm`` (SLURM jobs, dask-jobqueue; settings in ``slurm``);
+    ``scheduler`` connects to an existing cluster instead. ``workers`` counts worker processes
+    (local), GPUs (cuda) or SLURM jobs (slurm).
+    """
+
+    kind: str = "local"
+    workers: int | None = None
+    scheduler: str | None = None
+    slurm: SlurmSettings | None = None
+
+    def __post_init__(self) -> None:
+        _check(
+            self.kind in CLUSTERS,
+            f"cluster.kind must be one of {list(CLUSTERS)}, got {self.kind!r}.",
+        )
         _check(
             self.workers is None or (isinstance(self.workers, int) and self.workers > 0),
             f"cluster.workers must be a positive integer, got {self.workers!r}.",
         )
+        _optional_text(self.scheduler, "cluster.scheduler")
+        _check(
+            self.scheduler is None or self.kind == "local",
+            f"cluster.scheduler ({self.scheduler!r}) connects to workers that are already "
+            f"deployed; it excludes cluster.kind: {self.kind}. Drop one of them.",
+        )
+        _check(
+            self.slurm is None or self.kind == "slurm",
+            f"cluster.slurm is only used with cluster.kind: slurm, not {self.kind!r}.",
+        )
+        if self.kind == "slurm" and self.slurm is None:
+            object.__setattr__(self, "slurm", SlurmSettings())
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "cluster") -> ClusterSettings:
+        if isinstance(data, dict) and data.get("slurm") is not None:
+            data = {**data, "slurm": _from_dict(SlurmSettings, data["slurm"], f"{where}.slurm")}
+        return _from_dict(cls, data, where)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["slurm"] = None if self.slurm is None else self.slurm.to_dict()
+        return d
 
 
 _ANALYSES = {
@@ -280,7 +389,7 @@ class Workflow:
             input=resolve(data["input"]),
             output_dir=resolve(data["output_dir"]),
             features=features,
-            cluster=_from_dict(ClusterSettings, data.get("cluster"), "cluster"),
+            cluster=ClusterSettings.from_dict(data.get("cluster")),
             analyses=steps,
             sample_size=int(data.get("sample_size", 2048)),
         )
@@ -290,7 +399,7 @@ class Workflow:
             "input": self.input,
             "output_dir": self.output_dir,
             "features": self.features.to_dict(),
-            "cluster": dataclasses.asdict(self.cluster),
+            "cluster": self.cluster.to_dict(),
             "analyses": [{s.kind: dict(s.options)} for s in self.analyses],
             "sample_size": self.sample_size,
         }
@@ -346,6 +455,8 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
         device=f.device,
         workers=wf.cluster.workers,
         scheduler=wf.cluster.scheduler,
+        cluster=wf.cluster.kind,
+        slurm=wf.cluster.slurm,
         batch_size=f.batch_size,
         progress=progress,
         model_options=f.model_options or {},
