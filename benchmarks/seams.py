@@ -14,8 +14,7 @@ tiled
     cluster);
 tiled + debias N
     the same with positional-artefact removal, ``extract(..., debias=N)`` (estimate the mean
-    feature at each within-window position over N windows and subtract it). Reported as "not
-    available" when the installed ``extract`` does not accept the option.
+    feature at each within-window position over N windows and subtract it).
 
 Metrics (:mod:`benchmarks.metrics`), with the window boundaries at the output-chunk boundaries
 (every ``chunk_cells`` cells along y and x, ``chunk_cells = (tile - overlap) / out_stride``):
@@ -98,12 +97,6 @@ def _tiled(image, store: Path, backbone, client, **options) -> tuple[np.ndarray,
         fe = hd.extract(image, store, backbone=backbone, dtype="float32", client=client, **options)
     values = fe.values
     return values, dict(fe.attrs), time.perf_counter() - t0
-
-
-def _debias_unavailable(err: hd.ConfigError) -> bool:
-    """True when ``extract`` refused ``debias`` as an unknown option (an older version)."""
-    text = str(err).lower()
-    return "debias" in text and "unknown" in text
 
 
 def run_seams(
@@ -193,16 +186,9 @@ def run_seams(
         for n in debias:
             name = f"tiled + debias {n}"
             log.info("seams: %s", name)
-            try:
-                values, _, seconds = _tiled(
-                    image, Path(tmp) / f"debias{n}.zarr", backbone, client, debias=n, **options
-                )
-            except hd.ConfigError as err:
-                if not _debias_unavailable(err):
-                    raise
-                log.warning("seams: extract has no debias option: %s", err)
-                rows.append({"run": name, "note": "not available (extract has no debias option)"})
-                continue
+            values, _, seconds = _tiled(
+                image, Path(tmp) / f"debias{n}.zarr", backbone, client, debias=n, **options
+            )
             rows.append(
                 {
                     "run": name,

@@ -170,7 +170,7 @@ def test_gpu_worker_reserves_nvidia_gpus_and_cpu_services_none(services):
     (dev,) = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
     assert dev["count"] == "all"  # one container per host; the launcher gives each worker a GPU
-    for name in ("cpu-worker", "client-cpu", "scheduler"):
+    for name in ("cpu-worker", "client", "client-cpu", "scheduler"):  # clients compute nothing
         assert "resources" not in services[name].get("deploy", {})
 
 
