@@ -334,10 +334,10 @@ def run_block(
     ys = (jb * kc, min((jb + 1) * kc, n_rows))
     xs = (ib * kc, min((ib + 1) * kc, n_cols))
     rows, cols = ys[1] - ys[0], xs[1] - xs[0]
+    weight = acc[plan.channels, :rows, :cols]
     # 0 / 0 = NaN where no computed window reaches (skipped background): the fill value
-    values = acc[: plan.channels, :rows, :cols] / acc[plan.channels, :rows, :cols]
-    values = values.to(getattr(torch, plan.dtype)).cpu().numpy()
-    group_["features"][:, ys[0] : ys[1], xs[0] : xs[1]] = values
+    values = (acc[: plan.channels, :rows, :cols] / weight).to(getattr(torch, plan.dtype))
+    _write_chunks(group_["features"], values.cpu().numpy(), (weight > 0).cpu().numpy(), ys, xs, cc)
     halo = {
         "bottom": acc[:, kc:, :kc].cpu().numpy(),
         "right": acc[:, :kc, kc:].cpu().numpy(),
@@ -351,6 +351,25 @@ def run_block(
             run[f"halo_{name}"][jb, ib] = strip
     run["done"][jb, ib] = 1
     return halo
+
+
+def _write_chunks(array, values: np.ndarray, reached: np.ndarray, ys, xs, chunk: int) -> None:
+    """Write a block's values, leaving out the chunks that no computed window reached.
+
+    Those stay unwritten and read as the fill value (NaN). Zarr's own check for empty chunks
+    (a comparison of every chunk with NaN, slow in float16) is switched off: it would find none.
+    """
+    array = array.with_config({"write_empty_chunks": True})
+    if reached.all():
+        array[:, ys[0] : ys[1], xs[0] : xs[1]] = values
+        return
+    for r in range(0, values.shape[1], chunk):
+        for c in range(0, values.shape[2], chunk):
+            if reached[r : r + chunk, c : c + chunk].any():
+                part = values[:, r : r + chunk, c : c + chunk]
+                array[
+                    :, ys[0] + r : ys[0] + r + part.shape[1], xs[0] + c : xs[0] + c + part.shape[2]
+                ] = part
 
 
 def load_block_halo(jb: int, ib: int, *, plan: BlockPlan) -> dict[str, np.ndarray]:

@@ -514,7 +514,7 @@ def plan_tiles(
 
 
 def windows_touching(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
-    """Which windows of ``grid`` overlap the True pixels of ``mask``.
+    """Which windows of ``grid`` give weight to the True pixels of ``mask``.
 
     Parameters
     ----------
@@ -527,9 +527,9 @@ def windows_touching(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
     Returns
     -------
     numpy.ndarray
-        ``grid.n_windows`` bool: True where the window's in-image pixels meet the mask. Pixels a
-        skipped window would have covered get no weight from it; every pixel of the mask's
-        foreground keeps all of its windows, so its features are unchanged.
+        ``grid.n_windows`` bool: True where the window's non-zero weights (its tile less the
+        ``margin_px`` on each side) meet the mask. Every pixel of the mask's foreground keeps all
+        the windows that give it weight, so its features are unchanged.
 
     Examples
     --------
@@ -552,7 +552,8 @@ def windows_touching(grid: TileGrid, mask: np.ndarray) -> np.ndarray:
         lo_hi = []
         for j in range(grid.n_windows[axis]):
             o = grid.window_origin(j, 0)[0] if axis == 0 else grid.window_origin(0, j)[1]
-            a, b = max(o, 0), min(o + grid.tile_px, n_px)
+            # the window's non-zero weights: its tile less the margins on both sides
+            a, b = max(o + grid.margin_px, 0), min(o + grid.tile_px - grid.margin_px, n_px)
             lo = int(np.floor(a * n_mask / n_px))
             hi = max(lo + 1, int(np.ceil(b * n_mask / n_px)))
             lo_hi.append((lo, min(hi, n_mask)))

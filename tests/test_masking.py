@@ -60,8 +60,9 @@ def test_windows_touching_matches_brute_force(h, w, mh, mw, seed):
     full = mask[np.ix_(rows, cols)]
     for j in range(grid.n_windows[0]):
         for i in range(grid.n_windows[1]):
-            oy, ox = grid.window_origin(j, i)
-            region = full[max(oy, 0) : oy + 112, max(ox, 0) : ox + 112]
+            oy, ox = (o + grid.margin_px for o in grid.window_origin(j, i))
+            support = grid.tile_px - 2 * grid.margin_px
+            region = full[max(oy, 0) : oy + support, max(ox, 0) : ox + support]
             # the mapping may only widen a window's footprint (it is conservative)
             if region.any():
                 assert got[j, i]
