@@ -271,12 +271,16 @@ def _local_cluster(*, workers: int | None, device: str):
     from distributed import LocalCluster
 
     n = local_workers(device, workers)
+    # Dask's nannies start workers with OMP/MKL/OpenBLAS set to one thread each; a worker here
+    # runs one task at a time whose torch ops should use its share of the cores.
+    share = str(max(1, (os.cpu_count() or 1) // n))
     kwargs: dict[str, Any] = dict(
         n_workers=n,
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
         silence_logs=logging.ERROR,
+        env={v: share for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
     )
     if device.startswith("cuda"):
         kwargs["resources"] = {"GPU": 1}
