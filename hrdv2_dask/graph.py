@@ -338,10 +338,11 @@ def run_block(
     # 0 / 0 = NaN where no computed window reaches (skipped background): the fill value
     values = (acc[: plan.channels, :rows, :cols] / weight).to(getattr(torch, plan.dtype))
     _write_chunks(group_["features"], values.cpu().numpy(), (weight > 0).cpu().numpy(), ys, xs, cc)
+    # copies: a view would keep the whole accumulator alive while Dask holds the strips
     halo = {
-        "bottom": acc[:, kc:, :kc].cpu().numpy(),
-        "right": acc[:, :kc, kc:].cpu().numpy(),
-        "corner": acc[:, kc:, kc:].cpu().numpy(),
+        "bottom": acc[:, kc:, :kc].cpu().numpy().copy(),
+        "right": acc[:, :kc, kc:].cpu().numpy().copy(),
+        "corner": acc[:, kc:, kc:].cpu().numpy().copy(),
     }
     run = group_["_run"]
     last_row, last_col = jb == plan.n_blocks[0] - 1, ib == plan.n_blocks[1] - 1
