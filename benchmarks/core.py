@@ -209,7 +209,9 @@ def probe_memory(
         out = fns[method](x, backbone)
         synchronize(spec.device)
         result[method] = {
-            "host_bytes": peak_rss_bytes() - base,
+            # The kernel updates RSS high-water marks lazily (per-thread counters, up to
+            # 64 pages off), so a call that allocates nothing new can read a little below 0.
+            "host_bytes": max(0, peak_rss_bytes() - base),
             "device_bytes": torch.cuda.max_memory_allocated() - device_base if cuda else None,
         }
         del out
