@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .tiling import reflect_index
 
 __all__ = [
     "AxisCoords",
@@ -64,19 +65,6 @@ class AxisCoords:
 
     axis: int
     values: np.ndarray
-
-
-def _reflect_index(index: np.ndarray, n: int) -> np.ndarray:
-    """Reflect integer indices into ``[0, n)`` without repeating the edge ('reflect' mode).
-
-    >>> _reflect_index(np.arange(-3, 7), 4).tolist()
-    [3, 2, 1, 0, 1, 2, 3, 2, 1, 0]
-    """
-    if n == 1:
-        return np.zeros_like(index)
-    period = 2 * (n - 1)
-    m = np.mod(index, period)
-    return np.where(m < n, m, period - m)
 
 
 class Transform:
@@ -143,8 +131,8 @@ class Shift(Transform):
         if self.boundary == "periodic":
             return torch.roll(images, shifts=(self.dy, self.dx), dims=(-2, -1))
         h, w = images.shape[-2:]
-        rows = torch.as_tensor(_reflect_index(np.arange(h) - self.dy, h), device=images.device)
-        cols = torch.as_tensor(_reflect_index(np.arange(w) - self.dx, w), device=images.device)
+        rows = torch.as_tensor(reflect_index(np.arange(h) - self.dy, h), device=images.device)
+        cols = torch.as_tensor(reflect_index(np.arange(w) - self.dx, w), device=images.device)
         return images.index_select(-2, rows).index_select(-1, cols)
 
     def map_coords(self, coords, shape):
@@ -446,6 +434,6 @@ def pad_reflect(images: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
         return images
     if h > 1 and w > 1 and shape[0] - h < h and shape[1] - w < w and images.dim() in (3, 4):
         return F.pad(images, (0, shape[1] - w, 0, shape[0] - h), mode="reflect")
-    rows = torch.as_tensor(_reflect_index(np.arange(shape[0]), h), device=images.device)
-    cols = torch.as_tensor(_reflect_index(np.arange(shape[1]), w), device=images.device)
+    rows = torch.as_tensor(reflect_index(np.arange(shape[0]), h), device=images.device)
+    cols = torch.as_tensor(reflect_index(np.arange(shape[1]), w), device=images.device)
     return images.index_select(-2, rows).index_select(-1, cols)

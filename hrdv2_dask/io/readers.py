@@ -484,22 +484,15 @@ def _open_zarr(
         ) from err
 
     what = f"Zarr array {str(path / array_path) if array_path else str(path)!r} of shape {shape}"
-    _check_dtype(dtype, what)
-    plan = _plan_axes(
-        shape,
-        axes if axes is not None else meta_axes,
-        from_metadata=axes is None and meta_axes is not None,
+    return _open_chunked(
+        _ZarrArray(str(path), array_path, zarr_format, shape, dtype),
         what=what,
-        fix=_FILE_PLANE_FIX,
-    )
-    lazy = _ZarrArray(str(path), array_path, zarr_format, shape, dtype)
-    raw_chunks = _raw_chunks(shape, plan, tuple(src_chunks), chunks_yx)
-    data = _from_lazy(lazy, raw_chunks, fmt)
-    return _finish(
-        _to_yxc(data, plan),
-        path=str(path),
+        path=path,
         fmt=fmt,
-        axes=plan.axes,
+        axes=axes,
+        meta_axes=meta_axes,
+        src_chunks=tuple(src_chunks),
+        chunks_yx=chunks_yx,
         level=level,
         pixel_size=pixel_size,
         unit=unit,
@@ -623,18 +616,49 @@ def _open_tiff(
             "truncated, corrupt or not a TIFF; check it opens in tifffile or another viewer."
         ) from err
 
-    what = f"TIFF file {str(path)!r} (series 0, level {level}) of shape {shape}"
-    _check_dtype(dtype, what)
+    return _open_chunked(
+        _TiffArray(str(path), 0, level, shape, dtype),
+        what=f"TIFF file {str(path)!r} (series 0, level {level}) of shape {shape}",
+        path=path,
+        fmt=fmt,
+        axes=axes,
+        meta_axes=meta_axes,
+        src_chunks=tuple(src_chunks),
+        chunks_yx=chunks_yx,
+        level=level,
+        pixel_size=pixel_size,
+        unit=unit,
+    )
+
+
+def _open_chunked(
+    lazy: Any,
+    *,
+    what: str,
+    path: Path,
+    fmt: str,
+    axes: str | None,
+    meta_axes: str | None,
+    src_chunks: tuple[int, ...],
+    chunks_yx: tuple[int, int] | None,
+    level: int,
+    pixel_size: tuple[float, float] | None,
+    unit: str | None,
+) -> OpenedImage:
+    """The shared end of the chunked-file readers (Zarr, TIFF): check, plan axes, wrap lazily.
+
+    ``lazy`` is a picklable array recipe (``_ZarrArray``, ``_TiffArray``) with ``shape`` and
+    ``dtype``; ``axes`` (the caller's) wins over ``meta_axes`` (the file's).
+    """
+    _check_dtype(lazy.dtype, what)
     plan = _plan_axes(
-        shape,
+        lazy.shape,
         axes if axes is not None else meta_axes,
         from_metadata=axes is None and meta_axes is not None,
         what=what,
         fix=_FILE_PLANE_FIX,
     )
-    lazy = _TiffArray(str(path), 0, level, shape, dtype)
-    raw_chunks = _raw_chunks(shape, plan, src_chunks, chunks_yx)
-    data = _from_lazy(lazy, raw_chunks, fmt)
+    data = _from_lazy(lazy, _raw_chunks(lazy.shape, plan, src_chunks, chunks_yx), fmt)
     return _finish(
         _to_yxc(data, plan),
         path=str(path),
