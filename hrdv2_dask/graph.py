@@ -307,6 +307,15 @@ def run_block(
     per_pass = max(1, (plan.batch_size or n_views) // n_views)
     j0, i0 = jb * plan.block, ib * plan.block
     groups = [windows[k : k + per_pass] for k in range(0, len(windows), per_pass)]
+    # window (j, i) weighs its cells with wy[j] (x) wx[i]: the 1-D profiles once per block, in
+    # float64 as TileGrid.weights computes them
+    wy, wx = (
+        {
+            k: torch.from_numpy(g.weights_1d(axis, k)[inner]).to(device)
+            for k in {w[axis] for w in windows}
+        }
+        for axis in (0, 1)
+    )
     for group, raw in zip(groups, _prefetched(source, plan, groups), strict=True):
         x = _normalise(raw, plan.value_range, device)
         feats = highres_features(
@@ -319,7 +328,7 @@ def run_block(
             token_bias=token_bias,
         )
         for (j, i), f in zip(group, feats[:, :, inner, inner], strict=True):
-            wgt = torch.from_numpy(g.weights(j, i)[inner, inner].astype(np.float32)).to(device)
+            wgt = torch.outer(wy[j], wx[i]).float()
             r, c = (j - j0) * cc, (i - i0) * cc
             acc[: plan.channels, r : r + cc + bc, c : c + cc + bc].addcmul_(f, wgt)
             acc[plan.channels, r : r + cc + bc, c : c + cc + bc].add_(wgt)
