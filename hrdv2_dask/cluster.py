@@ -81,17 +81,6 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def local_workers(device: str, workers: int | None) -> int:
-    """Default worker count: one worker (on the GPU, or using all CPU cores)."""
-    if workers is not None:
-        if workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {workers!r}.")
-        return workers
-    # One worker either way: a plain LocalCluster does not pin workers to different GPUs
-    # (several GPUs need dask-cuda's LocalCUDACluster, one worker per GPU).
-    return 1
-
-
 def package_versions() -> dict[str, str | None]:
     """Installed versions of :data:`VERSIONED` in this process (``None``: not installed)."""
     from importlib import metadata
@@ -270,7 +259,9 @@ def _require_extra(cluster: str) -> None:
 def _local_cluster(*, workers: int | None, device: str):
     from distributed import LocalCluster
 
-    n = local_workers(device, workers)
+    # One worker by default: a plain LocalCluster does not pin workers to different GPUs
+    # (several GPUs need dask-cuda's LocalCUDACluster, one worker per GPU).
+    n = workers or 1
     # Dask's nannies start workers with OMP/MKL/OpenBLAS set to one thread each; a worker here
     # runs one task at a time whose torch ops should use its share of the cores.
     share = str(max(1, (os.cpu_count() or 1) // n))
@@ -294,8 +285,6 @@ def _cuda_cluster(*, workers: int | None, device: str):
 
     if device == "cpu":
         raise ConfigError("cluster='cuda' runs one worker per GPU; use --device auto or cuda.")
-    if workers is not None and workers < 1:
-        raise ConfigError(f"workers must be >= 1, got {workers!r}.")
     log.info("starting one Dask worker per GPU (dask-cuda)")
     return LocalCUDACluster(
         n_workers=workers,
@@ -313,9 +302,7 @@ def _slurm_cluster(*, workers: int | None, slurm: SlurmSettings | None):
     from .workflows import SlurmSettings
 
     settings = slurm if slurm is not None else SlurmSettings()
-    jobs = 1 if workers is None else workers
-    if jobs < 1:
-        raise ConfigError(f"workers (SLURM jobs) must be >= 1, got {jobs!r}.")
+    jobs = workers or 1
     if shutil.which("sbatch") is None:
         raise ClusterError(
             "cluster='slurm' submits jobs with sbatch, which is not on this machine's PATH. Run "
@@ -397,6 +384,11 @@ def cluster_client(
         The optional package for ``cluster`` is not installed.
     """
     check_deployment(scheduler=scheduler, cluster=cluster, slurm=slurm)
+    if workers is not None and (isinstance(workers, bool) or workers < 1):
+        raise ConfigError(
+            f"workers must be a positive number (worker processes, GPUs or SLURM jobs), got "
+            f"{workers!r}."
+        )
     if client is not None:
         yield client
         return

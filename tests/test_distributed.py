@@ -443,3 +443,10 @@ def test_slurm_settings_become_a_job_script():
         assert line in script, (line, script)
     assert "--nthreads 1" in script and "--resources GPU=1" in script
     assert "--preload hrdv2_dask.preload" in script and "--local-directory /scratch" in script
+
+
+@pytest.mark.parametrize("cluster", ["local", "slurm"])
+def test_worker_count_is_checked_once_for_every_deployment(cluster):
+    with pytest.raises(hd.ConfigError, match="workers must be a positive number"):
+        with cluster_client(cluster=cluster, workers=0):
+            pass
