@@ -297,7 +297,14 @@ def _check_bias(token_bias, views, channels: int, device) -> list[torch.Tensor]:
             f"token_bias has {len(token_bias)} maps but there are {len(views)} transforms; "
             "estimate it with position_bias() for the same transforms."
         )
-    return [torch.as_tensor(np.asarray(b), device=device, dtype=torch.float32) for b in token_bias]
+    maps = [torch.as_tensor(np.asarray(b), device=device, dtype=torch.float32) for b in token_bias]
+    if any(m.dim() != 3 or m.shape[0] != channels for m in maps):
+        raise ConfigError(
+            f"token_bias maps must be (C, h, w) with the backbone's C = {channels} channels, got "
+            f"{[tuple(m.shape) for m in maps][:3]}...; estimate them with position_bias() for "
+            "this backbone."
+        )
+    return maps
 
 
 def highres_features(

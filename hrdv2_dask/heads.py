@@ -10,9 +10,7 @@ resamples 16 channels instead of 384. :func:`hrdv2_dask.highres_features` takes 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -99,10 +97,3 @@ class LinearHead:
         b = torch.as_tensor(self.bias, device=feats.device)
         out = torch.einsum("kc,nchw->nkhw", w, feats.float())
         return out.add_(b[None, :, None, None])
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "weight": self.weight.tolist(), "bias": self.bias.tolist()}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> LinearHead:
-        return cls(np.asarray(d["weight"]), np.asarray(d["bias"]), name=str(d.get("name", "")))

@@ -227,5 +227,7 @@ def test_head_and_bias_errors(tiny_random_dinov2):
         hd.highres_features(img, tiny_random_dinov2, head=hd.LinearHead(np.ones((2, 3))))
     with pytest.raises(hd.ConfigError, match="9 transforms"):
         hd.highres_features(img, tiny_random_dinov2, token_bias=[np.zeros((64, 2, 2))])
+    with pytest.raises(hd.ConfigError, match="C = 64 channels"):
+        hd.highres_features(img, tiny_random_dinov2, token_bias=[np.zeros((3, 2, 2))] * 9)
     with pytest.raises(hd.ConfigError, match="bias must have shape"):
         hd.LinearHead(np.ones((2, 3)), np.ones(3))
