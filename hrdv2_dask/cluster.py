@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLUSTERS",
+    "WORKER_ENVIRON",
     "ClusterError",
     "MissingExtraError",
     "check_deployment",
@@ -35,6 +36,7 @@ __all__ = [
     "slurm_cluster_kwargs",
     "task_resources",
     "version_mismatches",
+    "worker_environ",
 ]
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,13 @@ CLUSTERS = ("local", "cuda", "slurm")
 #: Packages whose versions must agree between the client and every worker.
 VERSIONED = ("hrdv2-dask", "torch", "timm", "dask", "distributed", "zarr", "numpy")
 _CONNECT_TIMEOUT = "10s"
+#: Environment of the worker processes this package starts. Dask's nannies set
+#: ``MALLOC_TRIM_THRESHOLD_``, and glibc then also freezes its mmap threshold at 128 KiB: every
+#: larger tensor of a ViT forward is a fresh mmap that page-faults on first use (2.4x the page
+#: faults, a backbone up to 1.4x slower; benchmarks/RESULTS.md). 32 MiB, the ceiling of glibc's
+#: own adaptive threshold, restores the default placement and keeps Dask's trimming. A value
+#: set in the environment wins.
+WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
 
 
 class ClusterError(Hrdv2Error, ConnectionError):
@@ -210,6 +219,7 @@ def slurm_cluster_kwargs(settings: SlurmSettings) -> dict[str, Any]:
         "cores": 1,  # worker threads: one block task at a time
         "processes": 1,
         "job_extra_directives": directives,
+        "job_script_prologue": [f"export {k}={v}" for k, v in worker_environ().items()],
         "worker_extra_args": worker_args,
         **{k: v for k, v in optional.items() if v is not None},
     }
@@ -256,6 +266,23 @@ def _require_extra(cluster: str) -> None:
         )
 
 
+def worker_environ() -> dict[str, str]:
+    """The variables of :data:`WORKER_ENVIRON`, with values already in the environment kept."""
+    return {k: os.environ.get(k, v) for k, v in WORKER_ENVIRON.items()}
+
+
+@contextlib.contextmanager
+def _pre_spawn_environ() -> Iterator[None]:
+    """Nannies created inside set :func:`worker_environ` before spawning their worker process
+    (the allocator reads it at process start, too early for ``LocalCluster(env=...)``)."""
+    import dask
+    import distributed  # noqa: F401 - registers the distributed config
+
+    key = "distributed.nanny.pre-spawn-environ"
+    with dask.config.set({key: {**dask.config.get(key), **worker_environ()}}):
+        yield
+
+
 def _local_cluster(*, workers: int | None, device: str):
     from distributed import LocalCluster
 
@@ -276,7 +303,8 @@ def _local_cluster(*, workers: int | None, device: str):
     if device.startswith("cuda"):
         kwargs["resources"] = {"GPU": 1}
     log.info("starting a local Dask cluster: %d worker(s), %d core(s)", n, os.cpu_count() or 1)
-    return LocalCluster(**kwargs)
+    with _pre_spawn_environ():
+        return LocalCluster(**kwargs)
 
 
 def _cuda_cluster(*, workers: int | None, device: str):
@@ -286,13 +314,14 @@ def _cuda_cluster(*, workers: int | None, device: str):
     if device == "cpu":
         raise ConfigError("cluster='cuda' runs one worker per GPU; use --device auto or cuda.")
     log.info("starting one Dask worker per GPU (dask-cuda)")
-    return LocalCUDACluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        resources={"GPU": 1},
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    )
+    with _pre_spawn_environ():
+        return LocalCUDACluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            resources={"GPU": 1},
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
 
 
 def _slurm_cluster(*, workers: int | None, slurm: SlurmSettings | None):

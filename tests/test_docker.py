@@ -26,6 +26,8 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
+from hrdv2_dask.cluster import WORKER_ENVIRON
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -329,6 +331,8 @@ def test_dockerfile_is_pinned_non_root_and_healthchecked(flavour):
     env = " ".join(args for w, args in ins if w == "ENV")
     for setting in ("PYTHONUNBUFFERED=1", "TORCH_HOME=/cache/torch", "HF_HOME=/cache/huggingface"):
         assert setting in env
+    for name, value in WORKER_ENVIRON.items():  # what embedded clusters give their workers
+        assert f"{name}={value}" in env
     run = " && ".join(args for w, args in ins if w == "RUN")
     # Pinned dependencies first, then the package itself without resolving anything new.
     assert "-r /tmp/pins/constraints.txt" in run
