@@ -8,8 +8,9 @@ of ``W`` worker processes, each with ``cores / W`` torch threads (the library's 
 writes a float16 feature store (deleted afterwards unless ``--keep``).
 
 Reported per run: wall time of the whole ``extract`` call (cluster start, PCA fit when
-``--components``, all windows, store finished) and of its run phase (cluster start and all
-windows, from the "N windows in T s" line that ``extract`` logs), input megapixels per second
+``--components``, all windows, store finished) and of its run phase (cluster start, the PCA
+fit, which runs on the workers, and all windows, from the "N windows in T s" line that
+``extract`` logs), input megapixels per second
 (over each), windows, seconds per window, the peak summed RSS of this process and its worker
 processes (sampled every 0.1 s) and, on CUDA, the peak device memory in use during the run
 (device-wide, sampled).
@@ -256,9 +257,9 @@ COLUMNS = [
     Column("threads_per_worker", "threads/worker"),
     Column("windows", "windows"),
     Column("wall_s", "wall (s)", "{:.1f}"),
-    Column("run_phase_s", "cluster + windows (s)", "{:.1f}"),
+    Column("run_phase_s", "cluster + estimates + windows (s)", "{:.1f}"),
     Column("mps", "MP/s", "{:.3f}"),
-    Column("run_phase_mps", "MP/s (cluster + windows)", "{:.3f}"),
+    Column("run_phase_mps", "MP/s (cluster + estimates + windows)", "{:.3f}"),
     Column("s_per_window", "s/window", "{:.2f}"),
     Column("speedup", "speed-up", "{:.2f}"),
     Column("peak_rss_mb", "peak RSS, all processes (MB)", "{:.0f}"),

@@ -30,10 +30,11 @@ from .graph import (
     BackboneRecipe,
     BlockPlan,
     SourceReader,
+    bias_sums,
     block_windows_count,
     build_tasks,
-    estimate_position_bias,
-    sample_window_features,
+    feature_sample,
+    pick_windows,
 )
 from .heads import LinearHead
 from .io.readers import open_image, read_thumbnail
@@ -366,20 +367,6 @@ def extract(
     debias = options.get("debias") or 0
     if isinstance(debias, bool) or not isinstance(debias, int) or debias < 0:
         raise ConfigError(f"debias must be a number of windows >= 0 (e.g. 16), got {debias!r}.")
-    token_bias = None
-    if debias:
-        log.info("estimating the positional artefact over %d windows", debias)
-        token_bias = estimate_position_bias(SourceReader(data), plan, local, n_windows=debias)
-    projection = None
-    if components is not None:
-        # Fit the reduction on features of a few windows (client side, same maths as the
-        # workers), then every worker projects each view's low-res map before upsampling.
-        log.info("fitting a %d-component PCA on sample windows", components)
-        sample = sample_window_features(SourceReader(data), plan, local, token_bias=token_bias)
-        mean, comps, _, _ = pca_basis(sample, components)
-        projection = (mean.astype(np.float32), comps.astype(np.float32))
-        head = LinearHead.from_pca(*projection)
-        plan = dataclasses.replace(plan, channels=components, head=head)
     settings = {
         "model": model_name,
         "weights": "random" if random_weights else str(weights or "default"),
@@ -409,112 +396,179 @@ def extract(
         provenance["computed_windows"] = int(compute.sum())
         provenance["skipped_windows"] = int(compute.size - compute.sum())
         provenance["fill_value"] = "NaN (cells that no computed window reaches)"
-    if projection is not None:
-        provenance["projection_mean"] = projection[0].tolist()
-        provenance["projection_components"] = projection[1].tolist()
-    y, x = grid.out_shape
-    run_store = RunStore(
-        store,
-        settings=settings,
-        provenance=provenance,
-        shape=(out_channels, y, x),
-        chunks=(min(out_channels, 64), grid.chunk_cells, grid.chunk_cells),
-        dtype=dtype,
-        blocks=n_blocks,
-        halo_shapes=plan.halo_shapes(),
-        overwrite=bool(options.get("overwrite")),
-    )
-    if run_store.resumed and run_store.complete:
+    # Only checks here: the store is written once the cluster is up and the estimates are made.
+    run_store = RunStore(store, settings=settings, overwrite=bool(options.get("overwrite")))
+    if run_store.complete:
         log.info("%s is already complete with these settings; nothing to do", store)
         return open_features(store)
-    done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
-    if run_store.resumed:
-        log.info("resuming %s: %d of %d blocks already done", store, int(done.sum()), done.size)
 
-    run_id = uuid.uuid4().hex[:12]
-    tasks = build_tasks(
-        plan,
-        source=SourceReader(data),
-        backbone=recipe,
-        done=done,
-        run_id=run_id,
-        token_bias=token_bias,
-    )
-    _run(
-        tasks,
-        plan,
-        done,
-        recipe=recipe,
-        client=client,
+    from .preload import backbone_on_workers
+
+    t0 = time.perf_counter()
+    with cluster_client(
+        client,
         scheduler=options.get("scheduler"),
         cluster=options.get("cluster", "local"),
-        slurm=options.get("slurm"),
         workers=workers,
         device=device,
-        progress=options.get("progress", True),
-        megapixels=h * w / 1e6,
-    )
+        slurm=options.get("slurm"),
+    ) as c:
+        resources = task_resources(c, device)
+        run = _Run(c, plan, SourceReader(data), recipe, resources, options.get("progress", True))
+        with backbone_on_workers(c, recipe, resources=resources):
+            token_bias = run.position_bias(debias, saved=run_store.saved("token_bias"))
+            if components is not None:
+                mean, comps = run.projection(components, token_bias, saved=run_store.provenance)
+                provenance["projection_mean"] = mean.tolist()
+                provenance["projection_components"] = comps.tolist()
+                head = LinearHead.from_pca(mean, comps)
+                run.plan = plan = dataclasses.replace(plan, channels=components, head=head)
+            y, x = grid.out_shape
+            run_store.create(
+                provenance=provenance,
+                shape=(out_channels, y, x),
+                chunks=(min(out_channels, 64), grid.chunk_cells, grid.chunk_cells),
+                dtype=dtype,
+                blocks=n_blocks,
+                halo_shapes=plan.halo_shapes(),
+                saved=None if token_bias is None else {"token_bias": np.stack(token_bias)},
+            )
+            done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
+            if run_store.resumed:
+                log.info(
+                    "resuming %s: %d of %d blocks already done", store, int(done.sum()), done.size
+                )
+            n_windows = run.blocks(done, token_bias, megapixels=h * w / 1e6)
+    log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
     run_store.finish()
     return open_features(store)
 
 
-def _run(
-    tasks,
-    plan,
-    done,
-    *,
-    recipe,
-    client,
-    scheduler,
-    cluster,
-    slurm,
-    workers,
-    device,
-    progress,
-    megapixels,
-) -> None:
-    from .preload import backbone_on_workers
-
-    todo = {k: v for k, v in tasks.items() if not done[k]}
-    counts = [
-        dask.delayed(_count, pure=False)(tasks[k], block_windows_count(plan, *k)) for k in todo
-    ]
-    total = sum(block_windows_count(plan, *k) for k in todo)
-    t0 = time.perf_counter()
-    with cluster_client(
-        client, scheduler=scheduler, cluster=cluster, workers=workers, device=device, slurm=slurm
-    ) as c:
-        resources = task_resources(c, device)
-        with backbone_on_workers(c, recipe, resources=resources):
-            # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
-            # results that later blocks need are recomputed from the graph.
-            futures = c.compute(counts, optimize_graph=False, resources=resources)
-            _show_progress(futures, total=total, megapixels=megapixels, progress=progress)
-    log.info("%d windows in %.1f s", total, time.perf_counter() - t0)
+# Windows and cells that the PCA of ``components`` is fitted on.
+_PCA_WINDOWS = 8
+_PCA_PIXELS = 50_000
+# Windows per positional-artefact task.
+_BIAS_GROUP = 4
 
 
-def _show_progress(futures, *, total: int, megapixels: float, progress: bool) -> None:
-    """Wait for the block futures, with a progress bar of windows and megapixels per second."""
-    from distributed import KilledWorker, as_completed
-    from tqdm.auto import tqdm
+class _Run:
+    """The work of one extraction on a connected cluster: estimates, then the block graph."""
 
-    t0 = time.perf_counter()
-    bar = tqdm(total=total, unit="win", disable=not progress, desc="windows")
-    try:
-        for fut in as_completed(futures):
-            bar.update(fut.result())
-            rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix_str(f"{rate:.2f} MP/s")
-    except KilledWorker as err:
-        # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
-        raise ClusterError(
-            f"{' '.join(str(err).split())} If the workers ran out of memory, lower --batch-size "
-            "or --tile, or give them more; rerun the same command to resume."
-        ) from err
-    finally:
-        bar.close()
-        for fut in futures:
-            fut.cancel()
+    def __init__(self, client, plan: BlockPlan, source, recipe, resources, progress) -> None:
+        self.client = client
+        self.plan = plan
+        self.resources = resources
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:12]
+        # Shipped once per worker as keys of their own, not pickled into every task.
+        self.source = dask.delayed(source, pure=True, name=f"hrdv2-source-{self.run_id}")
+        self.recipe = recipe
+        self.backbone = dask.delayed(recipe, pure=True, name=f"hrdv2-backbone-{self.run_id}")
+
+    def position_bias(self, n_windows: int, *, saved: np.ndarray | None) -> list | None:
+        """The positional artefact per transform over ``n_windows`` windows (0: none)."""
+        if not n_windows:
+            return None
+        if saved is not None:
+            return list(saved)
+        log.info("estimating the positional artefact over %d windows", n_windows)
+        picked = pick_windows(self.plan, n_windows)
+        groups = [picked[k : k + _BIAS_GROUP] for k in range(0, len(picked), _BIAS_GROUP)]
+        task = dask.delayed(bias_sums, pure=False)
+        parts = self.gather(
+            [task(g, plan=self.plan, source=self.source, backbone=self.backbone) for g in groups],
+            [len(g) for g in groups],
+            desc="debias",
+        )
+        # summed in a fixed order: the same estimate whatever the number of workers
+        return [sum(p[v] for p in parts) / len(picked) for v in range(len(parts[0]))]
+
+    def projection(
+        self, components: int, token_bias: list | None, *, saved: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """PCA ``(mean, components)`` fitted on features of a few windows, on the workers."""
+        if "projection_components" in saved:
+            return (
+                np.asarray(saved["projection_mean"], np.float32),
+                np.asarray(saved["projection_components"], np.float32),
+            )
+        log.info("fitting a %d-component PCA on sample windows", components)
+        picked = pick_windows(self.plan, _PCA_WINDOWS)
+        bias = None
+        if token_bias is not None:
+            bias = dask.delayed(token_bias, pure=True, name=f"hrdv2-bias-{self.run_id}")
+        task = dask.delayed(feature_sample, pure=False)
+        per_window = -(-_PCA_PIXELS // len(picked))
+        parts = self.gather(
+            [
+                task(
+                    w,
+                    plan=self.plan,
+                    source=self.source,
+                    backbone=self.backbone,
+                    token_bias=bias,
+                    n_pixels=per_window,
+                )
+                for w in picked
+            ],
+            [1] * len(picked),
+            desc="PCA sample",
+        )
+        mean, comps, _, _ = pca_basis(np.concatenate(parts), components)
+        return mean.astype(np.float32), comps.astype(np.float32)
+
+    def blocks(self, done: np.ndarray, token_bias: list | None, *, megapixels: float) -> int:
+        """Compute and write every block not ``done``; the number of windows computed."""
+        plan = self.plan
+        tasks = build_tasks(
+            plan,
+            source=self.source,
+            backbone=self.backbone,
+            done=done,
+            run_id=self.run_id,
+            token_bias=token_bias,
+        )
+        todo = [k for k in tasks if not done[k]]
+        weights = [block_windows_count(plan, *k) for k in todo]
+        count = dask.delayed(_count, pure=False)
+        counts = [count(tasks[k], n) for k, n in zip(todo, weights, strict=True)]
+        # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
+        # results that later blocks need are recomputed from the graph.
+        self.gather(counts, weights, desc="windows", megapixels=megapixels)
+        return sum(weights)
+
+    def gather(
+        self, tasks: list, weights: list[int], *, desc: str, megapixels: float | None = None
+    ) -> list:
+        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows."""
+        from distributed import KilledWorker, as_completed
+        from tqdm.auto import tqdm
+
+        futures = self.client.compute(tasks, optimize_graph=False, resources=self.resources)
+        index = {f.key: k for k, f in enumerate(futures)}
+        results: list = [None] * len(futures)
+        total = sum(weights)
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, unit="win", disable=not self.progress, desc=desc)
+        try:
+            for fut in as_completed(futures):
+                k = index[fut.key]
+                results[k] = fut.result()
+                bar.update(weights[k])
+                if megapixels is not None:
+                    rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{rate:.2f} MP/s")
+        except KilledWorker as err:
+            # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
+            raise ClusterError(
+                f"{' '.join(str(err).split())} If the workers ran out of memory, lower "
+                "--batch-size or --tile, or give them more; rerun the same command to resume."
+            ) from err
+        finally:
+            bar.close()
+            for fut in futures:
+                fut.cancel()
+        return results
 
 
 def _count(_halo, n: int) -> int:

@@ -32,8 +32,11 @@ __all__ = [
     "BackboneRecipe",
     "BlockPlan",
     "SourceReader",
+    "bias_sums",
     "build_tasks",
+    "feature_sample",
     "load_block_halo",
+    "pick_windows",
     "run_block",
     "worker_backbone",
 ]
@@ -193,65 +196,65 @@ def _device(backbone) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
-def _pick_windows(plan: BlockPlan, n_windows: int, seed: int) -> list[tuple[int, int]]:
-    """Up to ``n_windows`` computed windows spread over the image, picked with ``seed``."""
+def pick_windows(plan: BlockPlan, n_windows: int, *, seed: int = 0) -> list[tuple[int, int]]:
+    """Up to ``n_windows`` computed windows spread over the image, picked with ``seed``.
+
+    The windows that the estimates (positional artefact, PCA) are made from: the same for a
+    given plan and seed, whatever the cluster.
+    """
     ny, nx = plan.grid.n_windows
     ids = [(j, i) for j in range(ny) for i in range(nx) if plan.computes(j, i)]
     rng = np.random.default_rng(seed)
     return [ids[k] for k in sorted(rng.choice(len(ids), min(n_windows, len(ids)), replace=False))]
 
 
-def estimate_position_bias(
-    source, plan: BlockPlan, backbone: Any, *, n_windows: int = 16, seed: int = 0
+def bias_sums(
+    windows: list[tuple[int, int]], *, plan: BlockPlan, source, backbone: Any
 ) -> list[np.ndarray]:
-    """:func:`hrdv2_dask.position_bias` over ``n_windows`` windows of the image, per transform."""
+    """Task: the sum over ``windows`` of :func:`hrdv2_dask.position_bias`, per transform.
+
+    ``position_bias`` is a mean minus its spatial mean, linear in the windows, so the sums of
+    several tasks divided by their number of windows give the estimate over all of them.
+    """
     bb = worker_backbone(backbone)
-    device = _device(bb)
-    picked = _pick_windows(plan, n_windows, seed)
-    sums = None
-    for start in range(0, len(picked), 4):
-        group = picked[start : start + 4]
-        x = _normalise(_read_windows(source, plan, group), plan.value_range, device)
-        part = position_bias(x, bb, plan.transforms, batch_size=plan.batch_size)
-        # position_bias is a mean minus its spatial mean: linear, so groups average exactly
-        part = [p * len(group) for p in part]
-        sums = part if sums is None else [a + b for a, b in zip(sums, part, strict=True)]
-    return [(s_ / len(picked)).cpu().numpy() for s_ in sums]
+    x = _normalise(_read_windows(source, plan, windows), plan.value_range, _device(bb))
+    part = position_bias(x, bb, plan.transforms, batch_size=plan.batch_size)
+    return [(p * len(windows)).cpu().numpy() for p in part]
 
 
-def sample_window_features(
-    source,
-    plan: BlockPlan,
-    backbone: Any,
+def feature_sample(
+    window: tuple[int, int],
     *,
+    plan: BlockPlan,
+    source,
+    backbone: Any,
     token_bias: list[np.ndarray] | None = None,
-    n_windows: int = 8,
-    n_pixels: int = 50_000,
+    n_pixels: int,
     seed: int = 0,
 ) -> np.ndarray:
-    """Features of up to ``n_windows`` windows spread over the image → ``(n_pixels, C)`` sample."""
+    """Task: features ``(n, C)`` of up to ``n_pixels`` cells of ``window`` that it owns.
+
+    The cells are picked with a generator seeded by ``seed`` and the window's index, so a
+    sample does not depend on which worker computes it.
+    """
     g = plan.grid
-    rng = np.random.default_rng(seed)
     bb = worker_backbone(backbone)
-    device = _device(bb)
+    x = _normalise(_read_windows(source, plan, [window]), plan.value_range, _device(bb))
+    f = highres_features(
+        x,
+        bb,
+        plan.transforms,
+        out_stride=g.out_stride,
+        batch_size=plan.batch_size,
+        token_bias=token_bias,
+    )[0]
     mc = g.margin_px // g.out_stride
-    rows = []
-    for window in _pick_windows(plan, n_windows, seed):
-        x = _normalise(_read_windows(source, plan, [window]), plan.value_range, device)
-        f = highres_features(
-            x,
-            bb,
-            plan.transforms,
-            out_stride=g.out_stride,
-            batch_size=plan.batch_size,
-            token_bias=token_bias,
-        )[0]
-        ys, xs = g.chunk_slices(*window)
-        f = f[:, mc : mc + ys.stop - ys.start, mc : mc + xs.stop - xs.start]  # its own cells
-        rows.append(f.reshape(f.shape[0], -1).T.cpu().numpy())
-    sample = np.concatenate(rows)
-    keep = rng.choice(len(sample), min(n_pixels, len(sample)), replace=False)
-    return sample[np.sort(keep)]
+    ys, xs = g.chunk_slices(*window)
+    f = f[:, mc : mc + ys.stop - ys.start, mc : mc + xs.stop - xs.start]  # its own cells
+    f = f.reshape(f.shape[0], -1)
+    rng = np.random.default_rng([seed, *window])
+    keep = np.sort(rng.choice(f.shape[1], min(n_pixels, f.shape[1]), replace=False))
+    return f[:, torch.from_numpy(keep).to(f.device)].T.cpu().numpy()
 
 
 def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:

@@ -23,6 +23,7 @@ from distributed import Client, get_task_stream
 import hrdv2_dask as hd
 from hrdv2_dask.cli import main
 from hrdv2_dask.cluster import (
+    WORKER_ENVIRON,
     ClusterError,
     MissingExtraError,
     check_versions,
@@ -31,6 +32,7 @@ from hrdv2_dask.cluster import (
     slurm_cluster_kwargs,
     task_resources,
     version_mismatches,
+    worker_environ,
 )
 from hrdv2_dask.workflows import SlurmSettings, Workflow, run_workflow
 
@@ -295,6 +297,7 @@ def test_unreachable_scheduler_is_one_line_and_quick(image_npy, tmp_path):
     assert elapsed < 30
     assert errors == [lines[-1]] and "Traceback" not in res.stderr
     assert errors[0].startswith(f"hrdv2: error: Cannot reach the Dask scheduler at {address!r}")
+    assert not (tmp_path / "o.zarr").exists()  # nothing written before the cluster is up
 
 
 class _FakeClient:
@@ -443,6 +446,18 @@ def test_slurm_settings_become_a_job_script():
         assert line in script, (line, script)
     assert "--nthreads 1" in script and "--resources GPU=1" in script
     assert "--preload hrdv2_dask.preload" in script and "--local-directory /scratch" in script
+    assert "export MALLOC_MMAP_THRESHOLD_=33554432" in script
+
+
+def test_started_workers_get_the_allocator_setting(monkeypatch):
+    """Dask's nannies freeze glibc's mmap threshold (see WORKER_ENVIRON); ours restores it,
+    and a value from the environment wins."""
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    with cluster_client(None, workers=1, device="cpu") as c:
+        seen = c.run(lambda: os.environ.get("MALLOC_MMAP_THRESHOLD_"))
+    assert list(seen.values()) == [WORKER_ENVIRON["MALLOC_MMAP_THRESHOLD_"]]
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert worker_environ() == {"MALLOC_MMAP_THRESHOLD_": "1048576"}
 
 
 @pytest.mark.parametrize("cluster", ["local", "slurm"])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import sys
+
 import dask
 import dask.array as da
 import numpy as np
@@ -83,8 +86,18 @@ def test_tiled_equals_whole_at_out_stride(image, tmp_path, client):
 
 
 def test_deterministic_across_workers_and_source_chunks(image, tmp_path, tiny_backbone):
+    """Bit-identical stores, estimates included (positional artefact and PCA, made on the
+    workers), with 1 or 3 worker processes and any chunking of the source."""
     src = image[:300, :400]
-    kw = dict(backbone=tiny_backbone, tile=140, out_stride=2, dtype="float32", progress=False)
+    kw = dict(
+        backbone=tiny_backbone,
+        tile=140,
+        out_stride=2,
+        dtype="float32",
+        progress=False,
+        debias=5,
+        components=6,
+    )
     with (
         LocalCluster(
             n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
@@ -106,8 +119,10 @@ def test_deterministic_across_workers_and_source_chunks(image, tmp_path, tiny_ba
             **kw,
         )
     a, b = _read(tmp_path / "one.zarr"), _read(tmp_path / "three.zarr")
-    assert np.isfinite(a).all()
+    assert a.shape[0] == 6 and np.isfinite(a).all()
     assert np.array_equal(a, b)
+    one, three = hd.open_features(tmp_path / "one.zarr"), hd.open_features(tmp_path / "three.zarr")
+    assert one.attrs["projection_components"] == three.attrs["projection_components"]
 
 
 def _seam_ratio(f: np.ndarray, boundaries: list[int]) -> float:
@@ -183,6 +198,51 @@ def test_resume_after_interruption_equals_uninterrupted(image, tmp_path, client)
     assert 0 < done.sum() < done.size
     resumed = hd.extract(src, store, backbone=hd.MeanPool(), **kw).values
     assert np.array_equal(resumed, full)
+
+
+class _FailingInBlocks(hd.MeanPool):
+    """MeanPool that fails on its n-th call from a block task (after the estimates)."""
+
+    def __init__(self, fail_at: int) -> None:
+        super().__init__(14, 14)
+        self.name = "meanpool_p14_s14"
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def forward(self, x):
+        frame = sys._getframe()
+        while frame is not None and frame.f_code.co_name != "run_block":
+            frame = frame.f_back
+        if frame is not None:
+            self.calls += 1  # one worker thread in the test cluster
+            if self.calls == self.fail_at:
+                raise RuntimeError("worker died")
+        return super().forward(x)
+
+
+def test_resume_reuses_the_saved_estimates(image, tmp_path, client):
+    """An interrupted run keeps its positional artefact and PCA in the store; resuming uses
+    them instead of estimating again (shown by tampering with a copy of the store)."""
+    src = image[:400, :500]
+    kw = dict(
+        tile=140, dtype="float32", client=client, progress=False, block=1, debias=3, components=2
+    )
+    full = hd.extract(src, tmp_path / "full.zarr", backbone=hd.MeanPool(), **kw)
+    store = tmp_path / "resumed.zarr"
+    with pytest.raises(RuntimeError, match="worker died"):
+        hd.extract(src, store, backbone=_FailingInBlocks(fail_at=7), **kw)
+    run = zarr.open_group(store, mode="r")["_run"]
+    assert 0 < run["done"][...].sum() < run["done"].size
+    assert run["token_bias"].shape == (9, 3, 10, 10)  # 9 views, 3 channels, 140 px / 14
+    tampered = tmp_path / "tampered.zarr"
+    shutil.copytree(store, tampered)
+    zarr.open_group(tampered, mode="r+")["_run"]["token_bias"][...] = 0.0
+
+    resumed = hd.extract(src, store, backbone=hd.MeanPool(), **kw)
+    assert resumed.attrs["projection_components"] == full.attrs["projection_components"]
+    assert np.array_equal(resumed.values, full.values)
+    other = hd.extract(src, tampered, backbone=hd.MeanPool(), **kw)
+    assert not np.array_equal(other.values, full.values)
 
 
 def test_other_settings_refused_unless_overwrite(image, tmp_path, client):

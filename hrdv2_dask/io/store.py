@@ -6,6 +6,7 @@ Layout of a store::
       features        (feature, y, x) array, dims named, compressed chunks
       _run/done       (block_y, block_x) uint8: 1 once a block's chunks and halo strips are written
       _run/halo_*     float32 halo strips passed between neighbouring blocks (for resume)
+      _run/token_bias the positional artefact subtracted from every window (with ``debias``)
 
 The group attribute ``hrdv2`` holds the settings and provenance of the run; ``complete`` is set
 to ``true`` last, and :func:`open_features` refuses a store without it.
@@ -63,7 +64,11 @@ def _check_target(path: Path) -> None:
 
 
 class RunStore:
-    """Create, resume and finish the store of one extraction run.
+    """Check, create, resume and finish the store of one extraction run.
+
+    Constructing one only reads: it checks ``path`` and an existing store's settings, so that a
+    run that fails before :meth:`create` (an unreachable scheduler, a failed estimate) leaves
+    nothing behind, not even a replaced store.
 
     Parameters
     ----------
@@ -73,46 +78,67 @@ class RunStore:
         Everything that determines the output values (model, weights, transforms, tiling,
         output stride, dtype, intensity mapping, source shape). A store made with other settings
         is refused unless ``overwrite``.
-    provenance : dict
-        Recorded but not compared (package version, weights origin, source path).
+    overwrite : bool, optional
+        Replace an existing store (at :meth:`create`) instead of resuming or refusing it.
     """
 
     def __init__(
+        self, path: str | os.PathLike, *, settings: dict[str, Any], overwrite: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.settings = _jsonable(settings)
+        self.overwrite = overwrite
+        _check_target(self.path)
+        self.resumed = False
+        self.group: zarr.Group | None = None
+        existing = self._existing_settings()
+        if existing is None or overwrite:
+            return
+        if existing != self.settings:
+            diff = sorted(
+                k
+                for k in set(existing) | set(self.settings)
+                if existing.get(k) != self.settings.get(k)
+            )
+            raise StoreError(
+                f"Store {str(self.path)!r} was made with other settings (differs in: "
+                f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, "
+                "or write to a new path."
+            )
+        self.resumed = True
+        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        """The provenance recorded in the store (empty before :meth:`create`)."""
+        return dict(self.group.attrs[ATTR].get("provenance") or {}) if self.group else {}
+
+    def saved(self, name: str) -> np.ndarray | None:
+        """Array ``name`` saved in the run bookkeeping by :meth:`create`, if any."""
+        if self.group is None or RUN not in self.group or name not in self.group[RUN]:
+            return None
+        return self.group[RUN][name][...]
+
+    def create(
         self,
-        path: str | os.PathLike,
         *,
-        settings: dict[str, Any],
         provenance: dict[str, Any],
         shape: tuple[int, int, int],
         chunks: tuple[int, int, int],
         dtype: str,
         blocks: tuple[int, int],
         halo_shapes: dict[str, tuple[int, ...]],
-        overwrite: bool = False,
+        saved: dict[str, np.ndarray] | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.settings = _jsonable(settings)
-        _check_target(self.path)
-        self.resumed = False
-        existing = self._existing_settings()
-        if existing is not None and not overwrite:
-            if existing != self.settings:
-                diff = sorted(
-                    k
-                    for k in set(existing) | set(self.settings)
-                    if existing.get(k) != self.settings.get(k)
-                )
-                raise StoreError(
-                    f"Store {str(self.path)!r} was made with other settings (differs in: "
-                    f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, "
-                    "or write to a new path."
-                )
-            self.resumed = True
-        if existing is not None and overwrite:
-            shutil.rmtree(self.path)
+        """Write the empty store (replacing an old one with ``overwrite``); nothing when resumed.
+
+        ``saved`` arrays (e.g. estimates that every block needs) are kept with the run
+        bookkeeping, so that a resumed run uses exactly the same ones.
+        """
         if self.resumed:
-            self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
             return
+        if self.overwrite and (self.path / "zarr.json").exists():
+            shutil.rmtree(self.path)
         self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
         self.group.attrs[ATTR] = {
             "settings": self.settings,
@@ -139,6 +165,8 @@ class RunStore:
                 compressors=_COMPRESSORS,
                 fill_value=0.0,
             )
+        for name, values in (saved or {}).items():
+            run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
 
     def _existing_settings(self) -> dict[str, Any] | None:
         if not (self.path / "zarr.json").exists():
@@ -157,7 +185,7 @@ class RunStore:
 
     @property
     def complete(self) -> bool:
-        return bool(self.group.attrs[ATTR].get("complete"))
+        return self.group is not None and bool(self.group.attrs[ATTR].get("complete"))
 
     def done_blocks(self) -> np.ndarray:
         """``(block_y, block_x)`` bool array of blocks already written."""
