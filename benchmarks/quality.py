@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import hrdv2_dask as hd
-from hrdv2_dask.demo import _fill
+from hrdv2_dask.demo import texture_mosaic
 
 from .common import (
     RANDOM_WEIGHTS_NOTE,
@@ -60,51 +60,6 @@ METHODS: dict[str, tuple[int, int]] = {
     "HR-Dv2": (14, 9),
     "both": (7, 9),
 }
-
-
-def texture_mosaic(
-    size: int, *, textures: Sequence[str] = DEFAULT_TEXTURES, cells: int = 10, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """A mosaic of scikit-image textures in Voronoi cells and its label layout.
-
-    Parameters
-    ----------
-    size : int
-        Side in pixels.
-    textures : sequence of str
-        Names of ``skimage.data`` images; cell ``k`` shows ``textures[k % len(textures)]``.
-    cells : int
-        Number of Voronoi cells, ``>= len(textures)`` so that every texture appears.
-    seed : int
-        Seed of the cell centres.
-
-    Returns
-    -------
-    image : numpy.ndarray
-        ``(size, size, 3)`` uint8.
-    labels : numpy.ndarray
-        ``(size, size)`` int64: the index of each pixel's texture in ``textures``.
-
-    Examples
-    --------
-    >>> image, labels = texture_mosaic(64, textures=("brick", "grass"), cells=3)
-    >>> image.shape, sorted(np.unique(labels).tolist())
-    ((64, 64, 3), [0, 1])
-    """
-    import skimage.data
-
-    if cells < len(textures):
-        raise ValueError(f"cells={cells} must be >= the {len(textures)} textures.")
-    rng = np.random.default_rng(seed)
-    centres = rng.uniform(0, size, (cells, 2))
-    yy, xx = np.mgrid[0:size, 0:size]
-    cell = np.argmin([(yy - cy) ** 2 + (xx - cx) ** 2 for cy, cx in centres], axis=0)
-    labels = cell % len(textures)
-    image = np.zeros((size, size, 3), np.uint8)
-    for k, name in enumerate(textures):
-        mask = labels == k
-        image[mask] = _fill(getattr(skimage.data, name)(), size)[mask]
-    return image, labels.astype(np.int64)
 
 
 def cluster_pixels(
@@ -145,6 +100,8 @@ def run_quality(
     sample: int = 20_000,
 ) -> dict[str, Any]:
     """Score the four methods on one mosaic; the suite's JSON-able result."""
+    if cells < len(textures):
+        raise ValueError(f"cells={cells} must be >= the {len(textures)} textures.")
     image, truth = texture_mosaic(size, textures=textures, cells=cells, seed=spec.seed)
     x = hd.normalize(image).to(spec.device)
     base = spec.build()

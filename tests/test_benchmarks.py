@@ -34,7 +34,7 @@ from benchmarks.metrics import (  # noqa: E402
     relative_l2,
     seam_ratio,
 )
-from benchmarks.quality import texture_mosaic  # noqa: E402
+from benchmarks.quality import DEFAULT_TEXTURES, run_quality, texture_mosaic  # noqa: E402
 from benchmarks.seams import (  # noqa: E402
     run_seams,
     window_metrics,
@@ -238,15 +238,15 @@ def test_naive_recipe_matches_highres_features_with_meanpool():
 
 
 def test_texture_mosaic_layout():
-    image, labels = texture_mosaic(96, cells=6, seed=1)
-    again, labels2 = texture_mosaic(96, cells=6, seed=1)
+    image, labels = texture_mosaic(96, textures=DEFAULT_TEXTURES, cells=6, seed=1)
+    again, labels2 = texture_mosaic(96, textures=DEFAULT_TEXTURES, cells=6, seed=1)
     assert image.shape == (96, 96, 3) and image.dtype == np.uint8
     assert labels.shape == (96, 96)
     assert sorted(np.unique(labels).tolist()) == [0, 1, 2, 3]
     np.testing.assert_array_equal(image, again)
     np.testing.assert_array_equal(labels, labels2)
-    with pytest.raises(ValueError):
-        texture_mosaic(32, cells=2)
+    with pytest.raises(ValueError, match="cells=2"):
+        run_quality(spec=None, size=32, textures=DEFAULT_TEXTURES, cells=2)
 
 
 def test_every_suite_has_the_entry_points():
