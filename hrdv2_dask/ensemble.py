@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Channel chunk so that one x-pass temporary stays around this many bytes.
 _X_PASS_BYTES = 32 * 2**20
+# Devices whose fused x pass runs with bf16 operands on the tensor cores (fp32 accumulation).
+_BF16_GEMM_DEVICES = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,7 @@ class _Accumulator:
         r = torch.cat([_dense_taps(t, g.shape[2]) for g, t in groups], dim=0)  # (sum, X)
         target = self.out[b]  # (C, Y, X), contiguous
         c, y, x = target.shape
-        if target.device.type != "cuda":
+        if target.device.type not in _BF16_GEMM_DEVICES:
             target.view(c * y, x).addmm_(h.reshape(c * y, -1), r)
             return
         # bf16 operands on the tensor cores, fp32 accumulation in the GEMM and in ``out``.
