@@ -13,6 +13,7 @@ the store so that an interrupted run resumes with only the missing blocks.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -58,7 +59,8 @@ class BackboneRecipe:
     overrides: tuple[tuple[str, Any], ...] = ()
     factory: Callable[[], Any] | None = field(default=None, compare=False)
     factory_token: str = ""  # identifies the factory across processes (set by the client)
-    threads: int | None = None  # torch intra-op threads in each worker process
+    # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
+    threads: int | None = None
 
     def key(self) -> tuple:
         return (
@@ -105,9 +107,10 @@ def worker_backbone(recipe: BackboneRecipe | Any) -> Any:
         if key not in _MODELS:
             log.info("building backbone %s on %s", recipe.name or recipe.factory, recipe.device)
             _MODELS[key] = recipe.build()
-    if recipe.threads:
+    threads = recipe.threads or int(os.environ.get("HRDV2_THREADS") or 0)
+    if threads:
         # Per calling thread with OpenMP: the model may have been built in another thread.
-        torch.set_num_threads(recipe.threads)
+        torch.set_num_threads(threads)
     return _MODELS[key]
 
 

@@ -4,7 +4,8 @@ Two mechanisms, both optional for correctness (the per-worker cache in
 :func:`hrdv2_dask.graph.worker_backbone` builds the model on first use anyway):
 
 - ``dask worker SCHEDULER --preload hrdv2_dask.preload`` runs :func:`dask_setup` when a worker
-  starts: it imports torch and timm and logs the device the worker will use.
+  starts: it imports torch and timm, gives a CPU worker's torch the process's cores, and logs
+  the device the worker will use.
 - :class:`BackbonePlugin`, registered by :func:`hrdv2_dask.extract` for each run, builds the
   run's backbone on every worker, including workers that join or replace dead ones mid-run.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,21 +34,29 @@ def _has_resources(worker, resources: Mapping[str, float] | None) -> bool:
 
 
 def dask_setup(worker) -> None:
-    """Dask preload hook: import torch and timm now and log the worker's device."""
+    """Dask preload hook: import torch and timm now, give a CPU worker's torch its cores, and log
+    the worker's device."""
     import timm
     import torch
 
     from .cluster import resolve_device
 
     device = resolve_device("auto")
+    if device == "cpu" and not os.environ.get("HRDV2_THREADS"):
+        # Dask's nanny started this process with OMP_NUM_THREADS=1, which would leave torch on
+        # one core; a worker runs one block task at a time, so its torch gets every core this
+        # process may use (its affinity: the container's or the SLURM job's CPUs). One CPU
+        # worker per machine, or set HRDV2_THREADS.
+        os.environ["HRDV2_THREADS"] = str(len(os.sched_getaffinity(0)))
     gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
     log.info(
-        "hrdv2 worker %s: torch %s, timm %s, device %s%s",
+        "hrdv2 worker %s: torch %s, timm %s, device %s%s, torch threads %s",
         worker.name,
         torch.__version__,
         timm.__version__,
         device,
         gpu,
+        os.environ.get("HRDV2_THREADS", "torch's default"),
     )
     if device == "cpu" and _has_resources(worker, {"GPU": 1}):
         log.warning(

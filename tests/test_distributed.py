@@ -168,9 +168,19 @@ def test_external_cluster_equals_embedded_and_gpu_tasks_stay_on_gpu_workers(
 
             return len(graph._MODELS)
 
+        def torch_threads() -> tuple[int, str | None]:
+            import torch
+
+            return torch.get_num_threads(), os.environ.get("HRDV2_THREADS")
+
         models = {names[a]: n for a, n in observer.run(cached_models).items()}
+        gpu = next(a for a, n in names.items() if n == "gpu")
+        threads = observer.submit(torch_threads, workers=[gpu], pure=False).result()
     assert code == 0
     assert models == {"gpu": 1, "plain": 0}  # the warm-up plugin skipped the plain worker too
+    # Its nanny set OMP_NUM_THREADS=1; the preload gave torch the process's cores (a CPU worker:
+    # no CUDA here), in the task thread that ran the blocks.
+    assert threads == (len(os.sched_getaffinity(0)), str(len(os.sched_getaffinity(0))))
     blocks = [t for t in stream.data if str(t["key"]).startswith("hrdv2-block-")]
     assert len(blocks) == 6  # 2 x 3 blocks
     assert {names[t["worker"]] for t in blocks} == {"gpu"}
