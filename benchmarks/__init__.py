@@ -14,6 +14,9 @@ Suites (one module each):
 ``mask``
     Background skipping: ``extract`` on a slide-like image that is 60 % glass, without and with
     ``mask="auto"`` (wall time, windows computed, speed-up, foreground identical).
+``profile``
+    Where an end-to-end run spends its time inside the worker processes (Dask's statistical
+    profiler): share of samples per function.
 ``quality``
     k-means on the features of a texture mosaic with a known layout: mIoU (Hungarian
     matching) and boundary F-score, for low-res bilinear, stride trick, HR-Dv2 and both.
@@ -23,4 +26,4 @@ Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
 :mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
 """
 
-SUITES = ("core", "e2e", "seams", "mask", "quality")
+SUITES = ("core", "e2e", "seams", "mask", "quality", "profile")

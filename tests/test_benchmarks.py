@@ -45,7 +45,7 @@ TINY = "embed_dim=64,depth=2,num_heads=4"
 
 
 @pytest.mark.parametrize(
-    "name", ["metrics", "common", "core", "e2e", "seams", "quality", "__main__"]
+    "name", ["metrics", "common", "core", "e2e", "seams", "quality", "profile", "__main__"]
 )
 def test_doctests(name):
     module = importlib.import_module(f"benchmarks.{name}")
@@ -278,6 +278,20 @@ def test_core_smoke(tmp_path, capsys):
     md = (tmp_path / "core.md").read_text()
     assert "| 56 | 5 |" in md and "Random weights" in md and "target ratio" in md
     assert "highres_features" in capsys.readouterr().out
+
+
+def test_profile_smoke(tmp_path):
+    """The worker-side profile of a tiny embedded run: the task thread's samples are in
+    ``run_block``, most of them in the backbone and the resample below it."""
+    argv = ["profile", "--size", "600", "--device", "cpu", "--model-options", TINY]
+    assert main([*argv, "--min-share", "0", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    share = {r["function"]: r["cumulative"] for r in result["rows"]}
+    assert result["samples"] > 10
+    assert share["hrdv2_dask/graph.py:run_block"] > 0.5
+    assert share["hrdv2_dask/ensemble.py:highres_features"] > 0.2
+    assert not (tmp_path / "work" / "profile_store.zarr").exists()
+    assert "run_block" in (tmp_path / "profile.md").read_text()
 
 
 def test_memory_probe_in_process():
