@@ -33,6 +33,13 @@ def _has_resources(worker, resources: Mapping[str, float] | None) -> bool:
     return all(have.get(name, 0) >= amount for name, amount in (resources or {}).items())
 
 
+def _usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def dask_setup(worker) -> None:
     """Dask preload hook: import torch and timm now, give a CPU worker's torch its cores, and log
     the worker's device."""
@@ -47,7 +54,7 @@ def dask_setup(worker) -> None:
         # one core; a worker runs one block task at a time, so its torch gets every core this
         # process may use (its affinity: the container's or the SLURM job's CPUs). One CPU
         # worker per machine, or set HRDV2_THREADS.
-        os.environ["HRDV2_THREADS"] = str(len(os.sched_getaffinity(0)))
+        os.environ["HRDV2_THREADS"] = str(_usable_cores())
     gpu = f" ({torch.cuda.get_device_name()})" if device == "cuda" else ""
     log.info(
         "hrdv2 worker %s: torch %s, timm %s, device %s%s, torch threads %s",

@@ -170,18 +170,27 @@ def test_blending_hides_seams(image, tmp_path, tiny_backbone, client):
 
 
 class _FailingMeanPool(hd.MeanPool):
-    """MeanPool that fails on its n-th call (a worker dying mid-run)."""
+    """MeanPool that fails on its n-th call (a worker dying mid-run); with ``within``, counting
+    only calls made below that function (e.g. ``run_block``: after the estimates)."""
 
-    def __init__(self, fail_at: int) -> None:
+    def __init__(self, fail_at: int, within: str | None = None) -> None:
         super().__init__(14, 14)
         self.name = "meanpool_p14_s14"
         self.calls = 0
         self.fail_at = fail_at
+        self.within = within
+
+    def _counts(self) -> bool:
+        frame = sys._getframe()
+        while self.within and frame is not None and frame.f_code.co_name != self.within:
+            frame = frame.f_back
+        return frame is not None
 
     def forward(self, x):
-        self.calls += 1  # one worker thread in the test cluster
-        if self.calls == self.fail_at:
-            raise RuntimeError("worker died")
+        if self._counts():
+            self.calls += 1  # one worker thread in the test cluster
+            if self.calls == self.fail_at:
+                raise RuntimeError("worker died")
         return super().forward(x)
 
 
@@ -200,26 +209,6 @@ def test_resume_after_interruption_equals_uninterrupted(image, tmp_path, client)
     assert np.array_equal(resumed, full)
 
 
-class _FailingInBlocks(hd.MeanPool):
-    """MeanPool that fails on its n-th call from a block task (after the estimates)."""
-
-    def __init__(self, fail_at: int) -> None:
-        super().__init__(14, 14)
-        self.name = "meanpool_p14_s14"
-        self.calls = 0
-        self.fail_at = fail_at
-
-    def forward(self, x):
-        frame = sys._getframe()
-        while frame is not None and frame.f_code.co_name != "run_block":
-            frame = frame.f_back
-        if frame is not None:
-            self.calls += 1  # one worker thread in the test cluster
-            if self.calls == self.fail_at:
-                raise RuntimeError("worker died")
-        return super().forward(x)
-
-
 def test_resume_reuses_the_saved_estimates(image, tmp_path, client):
     """An interrupted run keeps its positional artefact and PCA in the store; resuming uses
     them instead of estimating again (shown by tampering with a copy of the store)."""
@@ -230,7 +219,7 @@ def test_resume_reuses_the_saved_estimates(image, tmp_path, client):
     full = hd.extract(src, tmp_path / "full.zarr", backbone=hd.MeanPool(), **kw)
     store = tmp_path / "resumed.zarr"
     with pytest.raises(RuntimeError, match="worker died"):
-        hd.extract(src, store, backbone=_FailingInBlocks(fail_at=7), **kw)
+        hd.extract(src, store, backbone=_FailingMeanPool(fail_at=7, within="run_block"), **kw)
     run = zarr.open_group(store, mode="r")["_run"]
     assert 0 < run["done"][...].sum() < run["done"].size
     assert run["token_bias"].shape == (9, 3, 10, 10)  # 9 views, 3 channels, 140 px / 14
