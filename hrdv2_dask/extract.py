@@ -277,6 +277,13 @@ def extract(
     -------
     xarray.DataArray
         The store opened lazily with :func:`open_features`.
+
+    Notes
+    -----
+    The PCA of ``components`` and the positional artefact of ``debias`` are estimated by tasks
+    on the workers (on the device that computes the blocks) from windows picked with a fixed
+    seed, and kept in the store: a resumed run uses the same ones. Nothing is written before
+    the cluster is up and the estimates are made.
     """
     unknown = set(options) - _OPTIONS
     if unknown:
