@@ -35,6 +35,7 @@ from .graph import (
     build_tasks,
     feature_sample,
     pick_windows,
+    shipped,
 )
 from .heads import LinearHead
 from .io.readers import open_image, read_thumbnail
@@ -429,7 +430,7 @@ def extract(
                 provenance["projection_mean"] = mean.tolist()
                 provenance["projection_components"] = comps.tolist()
                 head = LinearHead.from_pca(mean, comps)
-                run.plan = plan = dataclasses.replace(plan, channels=components, head=head)
+                plan = dataclasses.replace(plan, channels=components, head=head)
             y, x = grid.out_shape
             run_store.create(
                 provenance=provenance,
@@ -445,7 +446,7 @@ def extract(
                 log.info(
                     "resuming %s: %d of %d blocks already done", store, int(done.sum()), done.size
                 )
-            n_windows = run.blocks(done, token_bias, megapixels=h * w / 1e6)
+            n_windows = run.blocks(plan, done, token_bias, megapixels=h * w / 1e6)
     log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
     run_store.finish()
     return open_features(store)
@@ -463,14 +464,12 @@ class _Run:
 
     def __init__(self, client, plan: BlockPlan, source, recipe, resources, progress) -> None:
         self.client = client
-        self.plan = plan
+        self.plan = plan  # of the backbone's features: the estimates come before any head
         self.resources = resources
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:12]
-        # Shipped once per worker as keys of their own, not pickled into every task.
-        self.source = dask.delayed(source, pure=True, name=f"hrdv2-source-{self.run_id}")
-        self.recipe = recipe
-        self.backbone = dask.delayed(recipe, pure=True, name=f"hrdv2-backbone-{self.run_id}")
+        self.source = shipped(source, "source", self.run_id)
+        self.backbone = shipped(recipe, "backbone", self.run_id)
 
     def position_bias(self, n_windows: int, *, saved: np.ndarray | None) -> list | None:
         """The positional artefact per transform over ``n_windows`` windows (0: none)."""
@@ -501,9 +500,7 @@ class _Run:
             )
         log.info("fitting a %d-component PCA on sample windows", components)
         picked = pick_windows(self.plan, _PCA_WINDOWS)
-        bias = None
-        if token_bias is not None:
-            bias = dask.delayed(token_bias, pure=True, name=f"hrdv2-bias-{self.run_id}")
+        bias = shipped(token_bias, "bias", self.run_id)
         task = dask.delayed(feature_sample, pure=False)
         per_window = -(-_PCA_PIXELS // len(picked))
         parts = self.gather(
@@ -524,9 +521,10 @@ class _Run:
         mean, comps, _, _ = pca_basis(np.concatenate(parts), components)
         return mean.astype(np.float32), comps.astype(np.float32)
 
-    def blocks(self, done: np.ndarray, token_bias: list | None, *, megapixels: float) -> int:
-        """Compute and write every block not ``done``; the number of windows computed."""
-        plan = self.plan
+    def blocks(
+        self, plan: BlockPlan, done: np.ndarray, token_bias: list | None, *, megapixels: float
+    ) -> int:
+        """Compute and write every block of ``plan`` not ``done``; the windows computed."""
         tasks = build_tasks(
             plan,
             source=self.source,

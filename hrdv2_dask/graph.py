@@ -39,6 +39,7 @@ __all__ = [
     "load_block_halo",
     "pick_windows",
     "run_block",
+    "shipped",
     "worker_backbone",
 ]
 
@@ -400,6 +401,16 @@ def block_windows_count(plan: BlockPlan, jb: int, ib: int) -> int:
     return len(_block_windows(plan, jb, ib))
 
 
+def shipped(value: Any, what: str, run_id: str) -> Any:
+    """``value`` as a Dask key of its own, so that it travels once per worker instead of
+    being pickled into every task (already shipped values and ``None`` pass through)."""
+    import dask
+
+    if value is None:
+        return None
+    return dask.delayed(value, pure=True, name=f"hrdv2-{what}-{run_id}")
+
+
 def build_tasks(
     plan: BlockPlan,
     *,
@@ -419,11 +430,9 @@ def build_tasks(
     import dask
 
     tasks: dict[tuple[int, int], Any] = {}
-    # Shipped once per worker as keys of their own, not pickled into every task.
-    source = dask.delayed(source, pure=True, name=f"hrdv2-source-{run_id}")
-    backbone = dask.delayed(backbone, pure=True, name=f"hrdv2-backbone-{run_id}")
-    if token_bias is not None:
-        token_bias = dask.delayed(token_bias, pure=True, name=f"hrdv2-bias-{run_id}")
+    source = shipped(source, "source", run_id)
+    backbone = shipped(backbone, "backbone", run_id)
+    token_bias = shipped(token_bias, "bias", run_id)
     run = dask.delayed(run_block, pure=False)
     load = dask.delayed(load_block_halo, pure=False)
     for jb in range(plan.n_blocks[0]):
