@@ -190,18 +190,18 @@ def test_fused_resample_equals_gather_reference(tiny_random_dinov2, name, out_st
     assert float((fused - gather).abs().max() / gather.abs().max()) < 1e-5
 
 
-@pytest.mark.parametrize("name", ["shifts+flips+rotations"])
-def test_bf16_gemm_branch_equals_reference_to_bf16_rounding(tiny_random_dinov2, name, monkeypatch):
+def test_bf16_gemm_branch_equals_reference_to_bf16_rounding(tiny_random_dinov2, monkeypatch):
     """The GPU's x pass (bf16 operands, fp32 accumulation, channel chunks), run on the CPU:
     the branch no CPU run takes otherwise."""
     from hrdv2_dask import ensemble
 
     img = torch.randn(2, 3, 45, 60, generator=torch.Generator().manual_seed(5))
-    gather = hd.highres_features(img, tiny_random_dinov2, SETS[name], fused=False, batch_size=3)
+    ts = SETS["shifts+flips+rotations"]
+    gather = hd.highres_features(img, tiny_random_dinov2, ts, fused=False, batch_size=3)
     monkeypatch.setattr(ensemble, "_BF16_GEMM_DEVICES", ("cpu",))
     # chunks of a few channels: 64 channels x 45 x 60 output in several matrix products
     monkeypatch.setattr(ensemble, "_X_PASS_BYTES", 45 * 60 * 2 * 5)
-    bf16 = hd.highres_features(img, tiny_random_dinov2, SETS[name], fused=True, batch_size=3)
+    bf16 = hd.highres_features(img, tiny_random_dinov2, ts, fused=True, batch_size=3)
     assert bf16.dtype == torch.float32 and bf16.shape == gather.shape
     err = float((bf16 - gather).abs().max() / gather.abs().max())
     assert 1e-6 < err < 1e-2  # bf16 rounding of the operands, nothing worse
