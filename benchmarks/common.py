@@ -473,7 +473,9 @@ class _DropRandomWeights(logging.Filter):
 def quiet_random_weights() -> Iterator[None]:
     """Silence the library's random-weights warnings: the suites' outputs say it themselves."""
     drop = _DropRandomWeights()
-    loggers = [logging.getLogger(n) for n in ("hrdv2_dask.extract", "hrdv2_dask.backbones")]
+    loggers = [
+        logging.getLogger(n) for n in ("hrdv2_dask.pipeline.extract", "hrdv2_dask.backbones")
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         for lg in loggers:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import hrdv2_dask as hd
-from hrdv2_dask.extract import estimate_value_range
+from hrdv2_dask.pipeline.inputs import estimate_value_range
 
 from .common import (
     BackboneSpec,

@@ -89,9 +89,9 @@ def _optional(tp: Any) -> tuple[Any, bool]:
     """``(inner type, nullable)`` of an annotation such as ``int | None``."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0] if len(args) == 1 else typing.Union[tuple(args)]), len(args) < len(
-            typing.get_args(tp)
-        )
+        if len(args) != 1:  # pragma: no cover - a schema bug
+            raise TypeError(f"an option has one type (or None), not {tp!r}")
+        return args[0], len(args) < len(typing.get_args(tp))
     return tp, False
 
 
@@ -133,8 +133,10 @@ def _coerce(tp: Any, value: Any) -> Any:
             raise _Bad
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float) and not hasattr(
-            value, "__float__"
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            and not hasattr(value, "__float__")
         ):
             raise _Bad
         return float(value)
@@ -268,13 +270,24 @@ class Settings:
 
     @classmethod
     def add_arguments(
-        cls, parser: argparse.ArgumentParser, *, prefix: str = "", skip: tuple[str, ...] = ()
+        cls,
+        parser: argparse.ArgumentParser,
+        *,
+        prefix: str = "",
+        skip: tuple[str, ...] = (),
+        positional: bool | None = None,
     ) -> None:
-        """Add one argument per field (``prefix`` before nested settings' flags)."""
+        """Add one argument per field (``prefix`` before nested settings' flags).
+
+        ``positional`` True or False adds only the positional arguments or only the flags
+        (so that a command can place its own positional arguments between them).
+        """
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             spec = _spec(f)
             if f.name in skip or spec.cli == "":
+                continue
+            if positional is not None and spec.positional != positional:
                 continue
             inner, _ = _optional(hints[f.name])
             if isinstance(inner, type) and issubclass(inner, Settings):
@@ -332,7 +345,11 @@ def _check_value(name: str, value: Any, tp: Any, spec: Spec, where: str) -> Any:
         raise ConfigError(
             f"{where}{name} must be {_expectation(inner, spec, False)}, got None.{_fix(spec)}"
         )
-    if inner is not str and typing.get_origin(inner) is tuple and not isinstance(value, list | tuple):
+    if (
+        inner is not str
+        and typing.get_origin(inner) is tuple
+        and not isinstance(value, list | tuple)
+    ):
         args = typing.get_args(inner)
         if len(args) == 2 and args[1] is Ellipsis and not isinstance(value, str | Mapping):
             value = (value,)  # a scalar where a list is expected: a list of one
@@ -555,9 +572,11 @@ class SlurmSettings(Settings):
     gpus_per_job: int = option(
         1,
         "0: CPU jobs; 1: one GPU per job (--gres=gpu:1, GPU resource)",
-        check=lambda v: None
-        if v in (0, 1)
-        else "0 (CPU jobs) or 1 (one Dask worker per GPU; for N GPUs set cluster.workers: N)",
+        check=lambda v: (
+            None
+            if v in (0, 1)
+            else "0 (CPU jobs) or 1 (one Dask worker per GPU; for N GPUs set cluster.workers: N)"
+        ),
     )
     job_extra: tuple[str, ...] = option(
         (),
@@ -567,7 +586,6 @@ class SlurmSettings(Settings):
     )
     local_directory: str | None = option(None, "node-local scratch for the workers")
     python: str | None = option(None, "the workers' python (default: this one)")
-
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ __all__ = [
     "StoreError",
     "IncompleteStoreError",
     "SourceNotFoundError",
+    "ClusterError",
+    "MissingExtraError",
 ]
 
 
@@ -49,3 +51,11 @@ class IncompleteStoreError(StoreError):
 
 class SourceNotFoundError(Hrdv2Error, FileNotFoundError):
     """An input path does not exist."""
+
+
+class ClusterError(Hrdv2Error, ConnectionError):
+    """The Dask scheduler cannot be reached or used."""
+
+
+class MissingExtraError(Hrdv2Error, ImportError):
+    """An optional dependency (an extra such as ``hrdv2-dask[cuda]``) is not installed."""

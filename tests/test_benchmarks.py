@@ -288,7 +288,7 @@ def test_profile_smoke(tmp_path):
     result = json.loads((tmp_path / "profile.json").read_text())
     share = {r["function"]: r["cumulative"] for r in result["rows"]}
     assert result["samples"] > 10
-    assert share["hrdv2_dask/graph.py:run_block"] > 0.5
+    assert share["hrdv2_dask/pipeline/graph.py:run_block"] > 0.5
     assert share["hrdv2_dask/ensemble.py:highres_features"] > 0.2
     assert not (tmp_path / "work" / "profile_store.zarr").exists()
     assert "run_block" in (tmp_path / "profile.md").read_text()

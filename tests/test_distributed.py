@@ -22,7 +22,7 @@ from distributed import Client, get_task_stream
 
 import hrdv2_dask as hd
 from hrdv2_dask.cli import main
-from hrdv2_dask.cluster import (
+from hrdv2_dask.pipeline.cluster import (
     WORKER_ENVIRON,
     ClusterError,
     MissingExtraError,
@@ -164,9 +164,9 @@ def test_external_cluster_equals_embedded_and_gpu_tasks_stay_on_gpu_workers(
         names = _names(observer)
 
         def cached_models() -> int:
-            from hrdv2_dask import graph
+            from hrdv2_dask.pipeline import workers
 
-            return len(graph._MODELS)
+            return len(workers._MODELS)
 
         def torch_threads() -> tuple[int, str | None]:
             import torch
@@ -194,8 +194,7 @@ def test_backbone_plugin_warms_only_workers_that_can_run_the_tasks():
     import asyncio
     from types import SimpleNamespace
 
-    from hrdv2_dask.graph import BackboneRecipe, worker_backbone
-    from hrdv2_dask.preload import BackbonePlugin
+    from hrdv2_dask.pipeline.workers import BackbonePlugin, BackboneRecipe, worker_backbone
 
     built = []
 
@@ -472,6 +471,6 @@ def test_started_workers_get_the_allocator_setting(monkeypatch):
 
 @pytest.mark.parametrize("cluster", ["local", "slurm"])
 def test_worker_count_is_checked_once_for_every_deployment(cluster):
-    with pytest.raises(hd.ConfigError, match="workers must be a positive number"):
+    with pytest.raises(hd.ConfigError, match="workers must be an integer >= 1"):
         with cluster_client(cluster=cluster, workers=0):
             pass

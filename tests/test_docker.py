@@ -26,7 +26,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from hrdv2_dask.cluster import WORKER_ENVIRON
+from hrdv2_dask.pipeline.cluster import WORKER_ENVIRON
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

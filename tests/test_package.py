@@ -21,7 +21,8 @@ TORCH_ONLY = [
     "weights.py",
     "preprocess.py",
 ]
-NUMPY_ONLY = ["tiling.py", "_checks.py"]
+NUMPY_ONLY = ["tiling.py", "_checks.py", "data.py"]
+LEAVES = ["errors.py", "_checks.py", "config.py", "device.py", "data.py"]
 
 
 def _imports(path: Path) -> set[str]:
@@ -74,3 +75,51 @@ def test_ruff_clean():
     cmd = [sys.executable, "-m", "ruff", "check", "hrdv2_dask", "tests", "benchmarks"]
     res = subprocess.run(cmd, cwd=PKG.parent, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_layers_contract_holds():
+    """``lint-imports`` with the contracts in pyproject.toml: no import goes up a layer, at the
+    top of a module or inside a function."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    if not exe.exists():
+        pytest.skip("import-linter not installed (pip install -e '.[test]')")
+    res = subprocess.run([str(exe)], cwd=PKG.parent, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "0 broken" in res.stdout
+
+
+def test_import_is_lazy_for_the_in_memory_core():
+    """``import hrdv2_dask`` and its in-memory core pull in none of dask, zarr, xarray."""
+    code = (
+        "import sys, hrdv2_dask as hd; hd.highres_features; hd.load_backbone; hd.normalize; "
+        "hd.shifts; hd.FeatureSettings; "
+        "print(sorted(m for m in ('dask', 'distributed', 'zarr', 'xarray') if m in sys.modules))"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "[]"
+    code = "import sys, hrdv2_dask as hd; hd.extract; print('zarr' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "True"  # the pipeline imports them when it is used
+
+
+def test_every_public_name_resolves():
+    for name in hd.__all__:
+        assert getattr(hd, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        hd.nope  # noqa: B018
+
+
+@pytest.mark.parametrize("name", LEAVES)
+def test_leaves_import_only_leaves(name):
+    """The bottom layer imports nothing of the package above it (checked on the source)."""
+    tree = ast.parse((PKG / name).read_text())
+    internal = {
+        node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level > 0 and node.module
+    }
+    assert internal <= {"errors", "device", "_checks", "_version"}, internal
+
+
+def test_all_lists_exactly_the_lazy_exports():
+    assert sorted(hd.__all__) == sorted([*hd._EXPORTS, "__version__"])

@@ -30,6 +30,7 @@ from ..errors import IncompleteStoreError, StoreError
 
 __all__ = [
     "FEATURES",
+    "BlockWriter",
     "RunStore",
     "open_features",
 ]
@@ -198,6 +199,68 @@ class RunStore:
         meta = dict(self.group.attrs[ATTR])
         meta["complete"] = True
         self.group.attrs[ATTR] = meta
+
+
+class BlockWriter:
+    """What a block task writes into a store that :class:`RunStore` created: its chunks, the
+    halo strips it passes on (kept for resume) and its ``done`` flag, in that order.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The store's folder (opened on each call: the writer travels to workers as a path).
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = str(path)
+
+    def write_block(
+        self,
+        block: tuple[int, int],
+        values: np.ndarray,
+        reached: np.ndarray,
+        *,
+        origin: tuple[int, int],
+        chunk: int,
+        halo: dict[str, np.ndarray],
+    ) -> None:
+        """Write one block's ``values`` ``(C, rows, cols)`` at output cell ``origin``.
+
+        Chunks of ``chunk`` cells that no computed window ``reached`` (a ``(rows, cols)`` bool
+        array) stay unwritten and read as the fill value (NaN). ``halo`` maps the strip names
+        (``bottom``, ``right``, ``corner``) to the strips that later blocks need.
+        """
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        _write_chunks(group[FEATURES], values, reached, origin, chunk)
+        run = group[RUN]
+        for name, strip in halo.items():
+            run[f"halo_{name}"][block] = strip
+        run["done"][block] = 1
+
+    def saved_halo(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The strips of ``block`` written by an earlier, interrupted run."""
+        run = zarr.open_group(self.path, mode="r", zarr_format=3)[RUN]
+        return {name: run[f"halo_{name}"][block] for name in ("bottom", "right", "corner")}
+
+
+def _write_chunks(
+    array, values: np.ndarray, reached: np.ndarray, origin: tuple[int, int], chunk: int
+) -> None:
+    """Write a block's values, leaving out the chunks that no computed window reached.
+
+    Zarr's own check for empty chunks (a comparison of every chunk with NaN, slow in float16)
+    is switched off: it would find none.
+    """
+    array = array.with_config({"write_empty_chunks": True})
+    y0, x0 = origin
+    if reached.all():
+        array[:, y0 : y0 + values.shape[1], x0 : x0 + values.shape[2]] = values
+        return
+    for r in range(0, values.shape[1], chunk):
+        for c in range(0, values.shape[2], chunk):
+            if reached[r : r + chunk, c : c + chunk].any():
+                part = values[:, r : r + chunk, c : c + chunk]
+                array[:, y0 + r : y0 + r + part.shape[1], x0 + c : x0 + c + part.shape[2]] = part
 
 
 def open_features(store: str | os.PathLike) -> xr.DataArray:

@@ -13,25 +13,22 @@ the store so that an interrupted run resumes with only the missing blocks.
 from __future__ import annotations
 
 import logging
-import os
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from .ensemble import highres_features, position_bias
-from .heads import LinearHead
-from .preprocess import normalize_batch
-from .tiling import TileGrid, reflect_index
-from .transforms import TransformSet
+from ..ensemble import highres_features, position_bias
+from ..io.store import BlockWriter
+from ..preprocess import normalize_batch
+from ..tiling import reflect_index
+from .plan import BlockPlan
+from .workers import worker_backbone
 
 __all__ = [
-    "BackboneRecipe",
-    "BlockPlan",
+    "BlockPlan",  # defined in plan
     "SourceReader",
     "bias_sums",
     "build_tasks",
@@ -40,120 +37,9 @@ __all__ = [
     "pick_windows",
     "run_block",
     "shipped",
-    "worker_backbone",
 ]
 
 log = logging.getLogger(__name__)
-
-_MODELS: dict[tuple, Any] = {}
-_MODELS_LOCK = threading.Lock()
-
-
-@dataclass(frozen=True)
-class BackboneRecipe:
-    """How a worker builds its backbone: by name (cached per process) or from a factory."""
-
-    name: str | None = None
-    weights: str | None = None
-    stride: int | None = None
-    device: str = "cpu"
-    overrides: tuple[tuple[str, Any], ...] = ()
-    factory: Callable[[], Any] | None = field(default=None, compare=False)
-    factory_token: str = ""  # identifies the factory across processes (set by the client)
-    # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
-    threads: int | None = None
-
-    def key(self) -> tuple:
-        return (
-            self.name,
-            self.weights,
-            self.stride,
-            self.device,
-            self.overrides,
-            self.factory_token,
-        )
-
-    def build(self) -> Any:
-        import warnings
-
-        from .backbones import RandomWeightsWarning, load_backbone
-        from .cluster import resolve_device
-
-        device = resolve_device(self.device)  # "auto" resolves here, on the worker
-        if self.factory is not None:
-            bb = self.factory()
-        else:
-            with warnings.catch_warnings():
-                # The client already warned loudly; workers would repeat it per process.
-                warnings.simplefilter("ignore", RandomWeightsWarning)
-                bb = load_backbone(
-                    self.name,
-                    self.weights,
-                    self.stride,
-                    device,
-                    download=False,
-                    **dict(self.overrides),
-                )
-        if isinstance(bb, torch.nn.Module):
-            bb = bb.to(device).eval()
-        return bb
-
-
-def worker_backbone(recipe: BackboneRecipe | Any) -> Any:
-    """The backbone for this process, built once per recipe (the only cache in the package)."""
-    if not isinstance(recipe, BackboneRecipe):
-        return recipe  # a backbone object shipped once to each worker
-    key = recipe.key()
-    with _MODELS_LOCK:
-        if key not in _MODELS:
-            log.info("building backbone %s on %s", recipe.name or recipe.factory, recipe.device)
-            _MODELS[key] = recipe.build()
-    threads = recipe.threads or int(os.environ.get("HRDV2_THREADS") or 0)
-    if threads:
-        # Per calling thread with OpenMP: the model may have been built in another thread.
-        torch.set_num_threads(threads)
-    return _MODELS[key]
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """Everything a block task needs, small enough to ship with every task."""
-
-    grid: TileGrid
-    block: int  # chunks per block side
-    n_blocks: tuple[int, int]
-    transforms: TransformSet
-    value_range: tuple[float, float]
-    channels: int  # feature channels C
-    dtype: str
-    batch_size: int | None
-    store_path: str
-    # Optional linear head (e.g. a PCA projection) applied to each view's low-resolution map
-    # before upsampling; exact because resampling and blending are linear with weights that
-    # sum to 1. ``channels`` is then the head's output channels.
-    head: LinearHead | None = None
-    # (n_windows_y, n_windows_x) bool: windows to compute (None: all). Cells that no computed
-    # window covers stay NaN (the store's fill value).
-    compute: np.ndarray | None = field(default=None, compare=False)
-
-    def computes(self, j: int, i: int) -> bool:
-        return self.compute is None or bool(self.compute[j, i])
-
-    @property
-    def blend_cells(self) -> int:
-        return self.grid.blend_px // self.grid.out_stride
-
-    @property
-    def block_cells(self) -> int:
-        return self.block * self.grid.chunk_cells
-
-    def chunk_range(self, jb: int, axis: int) -> range:
-        n = self.grid.n_windows[axis]
-        return range(jb * self.block, min((jb + 1) * self.block, n))
-
-    def halo_shapes(self) -> dict[str, tuple[int, ...]]:
-        c, b, k = self.channels + 1, self.blend_cells, self.block_cells
-        return {"bottom": (c, b, k), "right": (c, k, b), "corner": (c, b, b)}
 
 
 class SourceReader:
@@ -300,8 +186,6 @@ def run_block(
     Windows are blended on the backbone's device; only the finished block (in the stored dtype)
     and the thin strips cross back to the host.
     """
-    import zarr
-
     g = plan.grid
     bb = worker_backbone(backbone)
     device = _device(bb)
@@ -345,7 +229,6 @@ def run_block(
             part = torch.from_numpy(strip[region]).to(device)
             acc[:, : part.shape[1], : part.shape[2]].add_(part)
 
-    group_ = zarr.open_group(plan.store_path, mode="r+", zarr_format=3)
     n_rows, n_cols = g.out_shape
     ys = (jb * kc, min((jb + 1) * kc, n_rows))
     xs = (ib * kc, min((ib + 1) * kc, n_cols))
@@ -353,48 +236,28 @@ def run_block(
     weight = acc[plan.channels, :rows, :cols]
     # 0 / 0 = NaN where no computed window reaches (skipped background): the fill value
     values = (acc[: plan.channels, :rows, :cols] / weight).to(getattr(torch, plan.dtype))
-    _write_chunks(group_["features"], values.cpu().numpy(), (weight > 0).cpu().numpy(), ys, xs, cc)
     # copies: a view would keep the whole accumulator alive while Dask holds the strips
     halo = {
         "bottom": acc[:, kc:, :kc].cpu().numpy().copy(),
         "right": acc[:, :kc, kc:].cpu().numpy().copy(),
         "corner": acc[:, kc:, kc:].cpu().numpy().copy(),
     }
-    run = group_["_run"]
     last_row, last_col = jb == plan.n_blocks[0] - 1, ib == plan.n_blocks[1] - 1
     needed = {"bottom": not last_row, "right": not last_col, "corner": not (last_row or last_col)}
-    for name, strip in halo.items():
-        if needed[name]:
-            run[f"halo_{name}"][jb, ib] = strip
-    run["done"][jb, ib] = 1
+    BlockWriter(plan.store_path).write_block(
+        (jb, ib),
+        values.cpu().numpy(),
+        (weight > 0).cpu().numpy(),
+        origin=(ys[0], xs[0]),
+        chunk=cc,
+        halo={k: v for k, v in halo.items() if needed[k]},
+    )
     return halo
-
-
-def _write_chunks(array, values: np.ndarray, reached: np.ndarray, ys, xs, chunk: int) -> None:
-    """Write a block's values, leaving out the chunks that no computed window reached.
-
-    Those stay unwritten and read as the fill value (NaN). Zarr's own check for empty chunks
-    (a comparison of every chunk with NaN, slow in float16) is switched off: it would find none.
-    """
-    array = array.with_config({"write_empty_chunks": True})
-    if reached.all():
-        array[:, ys[0] : ys[1], xs[0] : xs[1]] = values
-        return
-    for r in range(0, values.shape[1], chunk):
-        for c in range(0, values.shape[2], chunk):
-            if reached[r : r + chunk, c : c + chunk].any():
-                part = values[:, r : r + chunk, c : c + chunk]
-                array[
-                    :, ys[0] + r : ys[0] + r + part.shape[1], xs[0] + c : xs[0] + c + part.shape[2]
-                ] = part
 
 
 def load_block_halo(jb: int, ib: int, *, plan: BlockPlan) -> dict[str, np.ndarray]:
     """The strips of a block written by an earlier, interrupted run."""
-    import zarr
-
-    run = zarr.open_group(plan.store_path, mode="r", zarr_format=3)["_run"]
-    return {name: run[f"halo_{name}"][jb, ib] for name in ("bottom", "right", "corner")}
+    return BlockWriter(plan.store_path).saved_halo((jb, ib))
 
 
 def block_windows_count(plan: BlockPlan, jb: int, ib: int) -> int:

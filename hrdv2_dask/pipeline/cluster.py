@@ -14,13 +14,12 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._version import __version__
-from .errors import ConfigError, Hrdv2Error
-
-if TYPE_CHECKING:
-    from .workflows import SlurmSettings
+from .._version import __version__
+from ..config import CLUSTERS, ClusterSettings, SlurmSettings
+from ..device import check_device, cpu_count, resolve_device
+from ..errors import ClusterError, ConfigError, MissingExtraError
 
 __all__ = [
     "CLUSTERS",
@@ -41,7 +40,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-CLUSTERS = ("local", "cuda", "slurm")
 #: Packages whose versions must agree between the client and every worker.
 VERSIONED = ("hrdv2-dask", "torch", "timm", "dask", "distributed", "zarr", "numpy")
 _CONNECT_TIMEOUT = "10s"
@@ -52,42 +50,6 @@ _CONNECT_TIMEOUT = "10s"
 #: own adaptive threshold, restores the default placement and keeps Dask's trimming. A value
 #: set in the environment wins.
 WORKER_ENVIRON = {"MALLOC_MMAP_THRESHOLD_": "33554432"}
-
-
-class ClusterError(Hrdv2Error, ConnectionError):
-    """The Dask scheduler cannot be reached or used."""
-
-
-class MissingExtraError(Hrdv2Error, ImportError):
-    """An optional dependency (an extra such as ``hrdv2-dask[cuda]``) is not installed."""
-
-
-def check_device(device: str) -> str:
-    """Check the spelling of a device (``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:N"``).
-
-    >>> check_device("cuda:1")
-    'cuda:1'
-    """
-    if not isinstance(device, str) or (
-        device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:")
-    ):
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}.")
-    return device
-
-
-def resolve_device(device: str) -> str:
-    """``"auto"`` → ``"cuda"`` when this process sees a GPU, else ``"cpu"``.
-
-    Runs where the model runs: on the client for the embedded cluster, on each worker otherwise.
-    """
-    import torch
-
-    check_device(device)
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device!r} but no CUDA GPU is visible; use --device cpu.")
-    return device
 
 
 def package_versions() -> dict[str, str | None]:
@@ -195,7 +157,7 @@ def slurm_cluster_kwargs(settings: SlurmSettings) -> dict[str, Any]:
     applies. ``cores`` books CPU cores per job for torch; the worker itself runs one task
     thread. A job with a GPU advertises it as the ``GPU`` resource.
 
-    >>> from hrdv2_dask.workflows import SlurmSettings
+    >>> from hrdv2_dask.config import SlurmSettings
     >>> kw = slurm_cluster_kwargs(SlurmSettings(queue="gpu", memory="32GB"))
     >>> kw["job_extra_directives"], kw["worker_extra_args"][-2:]
     (['--gres=gpu:1'], ['--resources', 'GPU=1'])
@@ -226,24 +188,24 @@ def slurm_cluster_kwargs(settings: SlurmSettings) -> dict[str, Any]:
 
 
 def check_deployment(
-    *, scheduler: str | None = None, cluster: str = "local", slurm: Any = None
+    *,
+    scheduler: str | None = None,
+    cluster: str = "local",
+    slurm: Any = None,
+    workers: int | None = None,
 ) -> None:
-    """Raise :class:`~hrdv2_dask.errors.ConfigError` for a deployment that contradicts itself.
+    """Raise :class:`~hrdv2_dask.errors.ConfigError` for a deployment that contradicts itself
+    (the rules of :class:`~hrdv2_dask.config.ClusterSettings`), and
+    :class:`~hrdv2_dask.errors.MissingExtraError` when its optional package is missing.
 
     >>> check_deployment(scheduler="tcp://h:8786", cluster="cuda")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    hrdv2_dask.errors.ConfigError: scheduler='tcp://h:8786' and cluster='cuda' exclude each ...
+    hrdv2_dask.errors.ConfigError: cluster.scheduler ('tcp://h:8786') connects to workers ...
     """
-    if cluster not in CLUSTERS:
-        raise ConfigError(f"cluster must be one of {list(CLUSTERS)}, got {cluster!r}.")
-    if scheduler is not None and cluster != "local":
-        raise ConfigError(
-            f"scheduler={scheduler!r} and cluster={cluster!r} exclude each other: the scheduler's "
-            "workers are already deployed. Drop one of them."
-        )
-    if slurm is not None and cluster != "slurm":
-        raise ConfigError(f"SLURM settings are only used with cluster='slurm', not {cluster!r}.")
+    if isinstance(slurm, dict):
+        slurm = SlurmSettings.from_dict(slurm)
+    ClusterSettings(kind=cluster, scheduler=scheduler, slurm=slurm, workers=workers)
     if cluster in _EXTRAS:
         _require_extra(cluster)
 
@@ -291,7 +253,7 @@ def _local_cluster(*, workers: int | None, device: str):
     n = workers or 1
     # Dask's nannies start workers with OMP/MKL/OpenBLAS set to one thread each; a worker here
     # runs one task at a time whose torch ops should use its share of the cores.
-    share = str(max(1, (os.cpu_count() or 1) // n))
+    share = str(max(1, cpu_count() // n))
     kwargs: dict[str, Any] = dict(
         n_workers=n,
         threads_per_worker=1,
@@ -302,7 +264,7 @@ def _local_cluster(*, workers: int | None, device: str):
     )
     if device.startswith("cuda"):
         kwargs["resources"] = {"GPU": 1}
-    log.info("starting a local Dask cluster: %d worker(s), %d core(s)", n, os.cpu_count() or 1)
+    log.info("starting a local Dask cluster: %d worker(s), %d core(s)", n, cpu_count())
     with _pre_spawn_environ():
         return LocalCluster(**kwargs)
 
@@ -327,8 +289,6 @@ def _cuda_cluster(*, workers: int | None, device: str):
 def _slurm_cluster(*, workers: int | None, slurm: SlurmSettings | None):
     _require_extra("slurm")
     from dask_jobqueue import SLURMCluster
-
-    from .workflows import SlurmSettings
 
     settings = slurm if slurm is not None else SlurmSettings()
     jobs = workers or 1
@@ -412,12 +372,7 @@ def cluster_client(
     MissingExtraError
         The optional package for ``cluster`` is not installed.
     """
-    check_deployment(scheduler=scheduler, cluster=cluster, slurm=slurm)
-    if workers is not None and (isinstance(workers, bool) or workers < 1):
-        raise ConfigError(
-            f"workers must be a positive number (worker processes, GPUs or SLURM jobs), got "
-            f"{workers!r}."
-        )
+    check_deployment(scheduler=scheduler, cluster=cluster, slurm=slurm, workers=workers)
     if client is not None:
         yield client
         return

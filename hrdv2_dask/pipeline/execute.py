@@ -1,0 +1,158 @@
+"""Running a planned extraction on a connected cluster: the estimates, then the block graph.
+
+:class:`Run` submits the tasks of :mod:`hrdv2_dask.pipeline.graph` and gathers their results
+with a progress bar; the estimates (positional artefact, PCA) are summed in a fixed order, so a
+store is bit-identical whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import dask
+import numpy as np
+
+from ..errors import ClusterError
+from ..heads import pca_basis
+from .graph import (
+    BlockPlan,
+    bias_sums,
+    block_windows_count,
+    build_tasks,
+    feature_sample,
+    pick_windows,
+    shipped,
+)
+
+__all__ = ["Run"]
+
+log = logging.getLogger(__name__)
+
+# Windows and cells that the PCA of ``components`` is fitted on.
+_PCA_WINDOWS = 8
+_PCA_PIXELS = 50_000
+# Windows per positional-artefact task.
+_BIAS_GROUP = 4
+
+
+class Run:
+    """The work of one extraction on a connected cluster: estimates, then the block graph."""
+
+    def __init__(self, client, plan: BlockPlan, source, recipe, resources, progress) -> None:
+        self.client = client
+        self.plan = plan  # of the backbone's features: the estimates come before any head
+        self.resources = resources
+        self.progress = progress
+        self.run_id = uuid.uuid4().hex[:12]
+        self.source = shipped(source, "source", self.run_id)
+        self.backbone = shipped(recipe, "backbone", self.run_id)
+
+    def position_bias(self, n_windows: int, *, saved: np.ndarray | None) -> list | None:
+        """The positional artefact per transform over ``n_windows`` windows (0: none)."""
+        if not n_windows:
+            return None
+        if saved is not None:
+            return list(saved)
+        log.info("estimating the positional artefact over %d windows", n_windows)
+        picked = pick_windows(self.plan, n_windows)
+        groups = [picked[k : k + _BIAS_GROUP] for k in range(0, len(picked), _BIAS_GROUP)]
+        task = dask.delayed(bias_sums, pure=False)
+        parts = self.gather(
+            [task(g, plan=self.plan, source=self.source, backbone=self.backbone) for g in groups],
+            [len(g) for g in groups],
+            desc="debias",
+        )
+        # summed in a fixed order: the same estimate whatever the number of workers
+        return [sum(p[v] for p in parts) / len(picked) for v in range(len(parts[0]))]
+
+    def projection(
+        self, components: int, token_bias: list | None, *, saved: dict
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """PCA ``(mean, components)`` fitted on features of a few windows, on the workers."""
+        if "projection_components" in saved:
+            return (
+                np.asarray(saved["projection_mean"], np.float32),
+                np.asarray(saved["projection_components"], np.float32),
+            )
+        log.info("fitting a %d-component PCA on sample windows", components)
+        picked = pick_windows(self.plan, _PCA_WINDOWS)
+        bias = shipped(token_bias, "bias", self.run_id)
+        task = dask.delayed(feature_sample, pure=False)
+        per_window = -(-_PCA_PIXELS // len(picked))
+        parts = self.gather(
+            [
+                task(
+                    w,
+                    plan=self.plan,
+                    source=self.source,
+                    backbone=self.backbone,
+                    token_bias=bias,
+                    n_pixels=per_window,
+                )
+                for w in picked
+            ],
+            [1] * len(picked),
+            desc="PCA sample",
+        )
+        mean, comps, _, _ = pca_basis(np.concatenate(parts), components)
+        return mean.astype(np.float32), comps.astype(np.float32)
+
+    def blocks(
+        self, plan: BlockPlan, done: np.ndarray, token_bias: list | None, *, megapixels: float
+    ) -> int:
+        """Compute and write every block of ``plan`` not ``done``; the windows computed."""
+        tasks = build_tasks(
+            plan,
+            source=self.source,
+            backbone=self.backbone,
+            done=done,
+            run_id=self.run_id,
+            token_bias=token_bias,
+        )
+        todo = [k for k in tasks if not done[k]]
+        weights = [block_windows_count(plan, *k) for k in todo]
+        count = dask.delayed(_count, pure=False)
+        counts = [count(tasks[k], n) for k, n in zip(todo, weights, strict=True)]
+        # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
+        # results that later blocks need are recomputed from the graph.
+        self.gather(counts, weights, desc="windows", megapixels=megapixels)
+        return sum(weights)
+
+    def gather(
+        self, tasks: list, weights: list[int], *, desc: str, megapixels: float | None = None
+    ) -> list:
+        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows."""
+        from distributed import KilledWorker, as_completed
+        from tqdm.auto import tqdm
+
+        futures = self.client.compute(tasks, optimize_graph=False, resources=self.resources)
+        index = {f.key: k for k, f in enumerate(futures)}
+        results: list = [None] * len(futures)
+        total = sum(weights)
+        t0 = time.perf_counter()
+        bar = tqdm(total=total, unit="win", disable=not self.progress, desc=desc)
+        try:
+            for fut in as_completed(futures):
+                k = index[fut.key]
+                results[k] = fut.result()
+                bar.update(weights[k])
+                if megapixels is not None:
+                    rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"{rate:.2f} MP/s")
+        except KilledWorker as err:
+            # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
+            raise ClusterError(
+                f"{' '.join(str(err).split())} If the workers ran out of memory, lower "
+                "--batch-size or --tile, or give them more; rerun the same command to resume."
+            ) from err
+        finally:
+            bar.close()
+            for fut in futures:
+                fut.cancel()
+        return results
+
+
+def _count(_halo, n: int) -> int:
+    return n

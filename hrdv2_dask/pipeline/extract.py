@@ -1,0 +1,235 @@
+"""``extract``: high-resolution features of an image of any size into a Zarr store.
+
+It reads as plan → store → execute: the options are checked once against the schema
+(:mod:`hrdv2_dask.config`), the run is planned without a cluster (:mod:`.plan`), the store is
+checked (and resumed), and only then does the cluster start (:mod:`.execute`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import warnings
+from typing import Any
+
+import numpy as np
+
+from ..backbones import RandomWeightsWarning
+from ..config import ClusterSettings, FeatureSettings, SlurmSettings, unknown_key
+from ..device import check_device, cpu_count, resolve_device
+from ..heads import LinearHead
+from ..io.readers import open_image
+from ..io.store import RunStore, open_features
+from ..transforms import Transform, TransformSet
+from .cluster import check_deployment, cluster_client, task_resources
+from .execute import Run
+from .graph import SourceReader
+from .inputs import backbone_recipe, estimate_value_range, resolve_mask
+from .plan import RunPlan, plan_grid, plan_run, transform_set, with_projection
+from .workers import backbone_on_workers
+
+__all__ = ["extract", "split_options"]
+
+log = logging.getLogger(__name__)
+
+
+def split_options(options: dict[str, Any]) -> tuple[FeatureSettings, ClusterSettings]:
+    """The keyword options of :func:`extract` as checked feature and cluster settings.
+
+    Keywords are the Python names of the schema's fields (``backbone`` for ``model``,
+    ``cluster`` for ``kind``); an unknown one is an error that suggests the closest.
+    """
+    feature_names, cluster_names = FeatureSettings.api_names(), ClusterSettings.api_names()
+    known = sorted({*feature_names, *cluster_names})
+    for key in options:
+        if key not in known:
+            raise unknown_key(key, known, "option ")
+    slurm = options.get("slurm")
+    if isinstance(slurm, dict):
+        options = {**options, "slurm": SlurmSettings.from_dict(slurm)}
+    features = FeatureSettings(
+        **{feature_names[k]: v for k, v in options.items() if k in feature_names}
+    )
+    cluster = ClusterSettings(
+        **{cluster_names[k]: v for k, v in options.items() if k in cluster_names}
+    )
+    return features, cluster
+
+
+def extract(
+    source,
+    store: str | os.PathLike,
+    *,
+    transforms: TransformSet | list[Transform] | None = None,
+    client=None,
+    progress: bool = True,
+    **options,
+):
+    """Compute HR-Dv2 features of an image of any size and write them to a Zarr store.
+
+    Parameters
+    ----------
+    source : path, numpy.ndarray or dask.array.Array
+        Image to read with :func:`hrdv2_dask.io.open_image` (Zarr, OME-Zarr, TIFF, OME-TIFF, SVS,
+        PNG, JPEG, ``.npy``, arrays); never loaded whole.
+    store : path
+        Output Zarr v3 store (created, or resumed when it holds an interrupted run with the
+        same settings).
+    transforms : TransformSet, optional
+        The views, instead of ``shifts``/``neighbourhood``/``boundary``/``flips``.
+    client : distributed.Client, optional
+        Run on this client; default: the cluster that the cluster options describe (an
+        embedded LocalCluster unless told otherwise), started and closed here.
+    progress : bool, optional
+        Show a progress bar.
+    **options
+        Every field of :class:`~hrdv2_dask.config.FeatureSettings` and
+        :class:`~hrdv2_dask.config.ClusterSettings` by its Python name (listed with their
+        defaults and limits below and in ``inspect.signature(extract)``): ``backbone`` (a model
+        name, a backbone object, or a zero-argument callable that builds one, called once per
+        worker process), ``weights`` (a path, or ``"random"``: outputs are then marked
+        ``random_weights=True``), ``mask`` (also a 2-D bool array), ``cluster``,
+        ``workers``, ``scheduler``, ``slurm`` (a :class:`~hrdv2_dask.config.SlurmSettings`
+        or a dict)...
+
+    Returns
+    -------
+    xarray.DataArray
+        The store opened lazily with :func:`open_features`.
+
+    Notes
+    -----
+    The PCA of ``components`` and the positional artefact of ``debias`` are estimated by tasks
+    on the workers (on the device that computes the blocks) from windows picked with a fixed
+    seed, and kept in the store: a resumed run uses the same ones. Nothing is written before
+    the cluster is up and the estimates are made.
+    """
+    features, cluster = split_options(options)
+    check_deployment(
+        scheduler=cluster.scheduler,
+        cluster=cluster.kind,
+        slurm=cluster.slurm,
+        workers=cluster.workers,
+    )
+    embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
+    # The embedded cluster runs on this machine; elsewhere each worker resolves "auto" itself.
+    device = resolve_device(features.device) if embedded else check_device(features.device)
+    data, meta = open_image(source, features.axes, level=features.level)
+    threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
+    recipe, facts = backbone_recipe(
+        features.model,
+        features.weights,
+        features.stride,
+        device,
+        dict(features.model_options or {}),
+        threads,
+    )
+    if facts.random_weights:
+        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
+        log.warning(msg)
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+    plan = _plan(features, facts, transforms, data, meta, store)
+    # Only checks here: the store is written once the cluster is up and the estimates are made.
+    run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
+    if run_store.complete:
+        log.info("%s is already complete with these settings; nothing to do", store)
+        return open_features(store)
+    t0 = time.perf_counter()
+    with cluster_client(
+        client,
+        scheduler=cluster.scheduler,
+        cluster=cluster.kind,
+        workers=cluster.workers,
+        device=device,
+        slurm=cluster.slurm,
+    ) as c:
+        n_windows = _execute(c, plan, run_store, data, recipe, device, progress)
+    log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
+    run_store.finish()
+    return open_features(store)
+
+
+def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
+    """Plan the run: transforms, grid, intensities and mask (reads a sample, no cluster)."""
+    if transforms is None:
+        tset = transform_set(features, facts.patch_size)
+    else:
+        tset = transforms if isinstance(transforms, TransformSet) else TransformSet(transforms)
+    name = str(meta.path or "the image")
+    grid = plan_grid(meta.shape[:2], features, facts, tset, name=str(meta.path or "array"))
+    value_range = features.value_range or estimate_value_range(data)
+    compute = resolve_mask(features.mask, data, grid, name=name)
+    return plan_run(
+        features,
+        backbone=facts,
+        transforms=tset,
+        grid=grid,
+        value_range=value_range,
+        source=meta.to_dict(),
+        store=str(store),
+        compute=compute,
+    )
+
+
+def _execute(client, plan: RunPlan, run_store: RunStore, data, recipe, device, progress) -> int:
+    """Estimates, store creation and the block graph on a connected cluster; windows computed."""
+    resources = task_resources(client, device)
+    run = Run(client, plan.blocks, SourceReader(data), recipe, resources, progress)
+    provenance = dict(plan.provenance)
+    with backbone_on_workers(client, recipe, resources=resources):
+        token_bias = run.position_bias(plan.settings["debias"], saved=run_store.saved("token_bias"))
+        if plan.components is not None:
+            mean, comps = run.projection(plan.components, token_bias, saved=run_store.provenance)
+            provenance["projection_mean"] = mean.tolist()
+            provenance["projection_components"] = comps.tolist()
+            plan = with_projection(plan, LinearHead.from_pca(mean, comps))
+        run_store.create(
+            provenance=provenance,
+            shape=plan.shape,
+            chunks=plan.chunks,
+            dtype=plan.blocks.dtype,
+            blocks=plan.blocks.n_blocks,
+            halo_shapes=plan.blocks.halo_shapes(),
+            saved=None if token_bias is None else {"token_bias": np.stack(token_bias)},
+        )
+        n_blocks = plan.blocks.n_blocks
+        done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
+        if run_store.resumed:
+            log.info(
+                "resuming %s: %d of %d blocks already done",
+                run_store.path,
+                int(done.sum()),
+                done.size,
+            )
+        return run.blocks(plan.blocks, done, token_bias, megapixels=plan.megapixels)
+
+
+def _signature() -> inspect.Signature:
+    """``extract``'s signature with every schema option as a keyword-only parameter."""
+    params = list(inspect.signature(extract).parameters.values())[:-1]  # without **options
+    seen = {p.name for p in params}
+    for cls in (FeatureSettings, ClusterSettings):
+        defaults = cls.defaults()
+        for api, name in cls.api_names().items():
+            if api not in seen:
+                params.append(
+                    inspect.Parameter(api, inspect.Parameter.KEYWORD_ONLY, default=defaults[name])
+                )
+                seen.add(api)
+    return inspect.Signature(params, return_annotation="xarray.DataArray")
+
+
+def _options_doc() -> str:
+    lines = ["", "    Options", "    -------"]
+    for cls in (FeatureSettings, ClusterSettings):
+        defaults, specs = cls.defaults(), cls.specs()
+        for api, name in cls.api_names().items():
+            lines.append(f"    {api} : default {defaults[name]!r}")
+            lines.append(f"        {specs[name].help}.")
+    return "\n".join(lines) + "\n"
+
+
+extract.__signature__ = _signature()  # type: ignore[attr-defined]
+extract.__doc__ = (extract.__doc__ or "") + _options_doc()

@@ -1,0 +1,185 @@
+"""What an extraction learns from its inputs before planning: intensities, mask, backbone.
+
+These read a little of the source (a seeded sample of chunks, a thumbnail) or load the backbone
+on the client; none of them needs the cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+import warnings
+from typing import Any
+
+import dask
+import numpy as np
+
+from ..backbones import RandomWeightsWarning, load_backbone, model_spec
+from ..errors import ConfigError, InputError
+from ..io.readers import open_image, read_thumbnail
+from ..masking import foreground_mask
+from ..tiling import TileGrid, windows_touching
+from .plan import BackboneFacts
+from .workers import BackboneRecipe
+
+__all__ = ["backbone_recipe", "estimate_value_range", "resolve_mask"]
+
+log = logging.getLogger(__name__)
+
+_AUTO_MASKS = {"auto": "bright", "auto-dark": "dark"}
+
+
+def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
+    """Global intensity mapping: dtype range for uint8/bool, else 0.5/99.5 percentiles.
+
+    The percentiles come from up to ``max_chunks`` chunks picked with a fixed seed, so the
+    mapping is the same on every run and never needs the whole image in memory.
+    """
+    dtype = np.dtype(data.dtype)
+    if dtype == np.uint8:
+        return (0.0, 255.0)
+    if dtype == np.bool_:
+        return (0.0, 1.0)
+    grid = [range(n) for n in data.numblocks[:2]]
+    ids = [(j, i) for j in grid[0] for i in grid[1]]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(ids), size=min(max_chunks, len(ids)), replace=False))
+    blocks = dask.compute(*[data.blocks[ids[k][0], ids[k][1]] for k in picked])
+    sample = np.concatenate([np.asarray(b).reshape(-1, data.shape[-1]) for b in blocks])
+    sample = sample[:, :3].astype(np.float64)
+    if not np.isfinite(sample).all():
+        raise InputError(
+            "The image has NaN or infinite pixels; fill or mask them first (e.g. np.nan_to_num)."
+        )
+    lo, hi = np.percentile(sample, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    return (float(lo), float(hi))
+
+
+def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> np.ndarray | None:
+    """The windows to compute for ``mask`` (see :func:`hrdv2_dask.extract`); ``None``: all.
+
+    Raises :class:`InputError` when the mask's aspect ratio does not match the image or it has
+    no foreground at all.
+    """
+    if mask is None:
+        return None
+    if isinstance(mask, str) and mask in _AUTO_MASKS:
+        fg = foreground_mask(read_thumbnail(data, max_side=1024), background=_AUTO_MASKS[mask])
+        origin = f"mask {mask!r}"
+    elif isinstance(mask, np.ndarray):
+        if mask.ndim != 2:
+            raise InputError(f"A mask array must be 2-D (h, w), got shape {mask.shape}.")
+        fg, origin = mask.astype(bool), "the mask array"
+    elif isinstance(mask, str | os.PathLike):
+        mdata, _ = open_image(mask)
+        fg = read_thumbnail(mdata, max_side=4096)[..., 0] > 0
+        origin = f"mask file {str(mask)!r}"
+    else:
+        raise ConfigError(
+            f"mask must be 'auto', 'auto-dark', a path to a mask image or a 2-D array, got "
+            f"{mask!r}."
+        )
+    h, w = grid.image_shape
+    if abs(fg.shape[0] / fg.shape[1] - h / w) > 0.05 * (h / w) + 2 / min(fg.shape):
+        raise InputError(
+            f"{origin} of {fg.shape[0]}x{fg.shape[1]} px does not have the aspect ratio of "
+            f"{name} ({h}x{w} px); give a mask of the whole image at any scale."
+        )
+    if not fg.any():
+        raise InputError(
+            f"{origin} has no foreground (no non-zero pixel) for {name}; nothing would be "
+            "computed. Use another mask, or none."
+        )
+    compute = windows_touching(grid, fg)
+    log.info(
+        "%s: %d of %d windows touch the foreground (%.0f %% skipped)",
+        origin,
+        int(compute.sum()),
+        compute.size,
+        100 * (1 - compute.mean()),
+    )
+    return compute
+
+
+class _Fixed:
+    """A zero-argument factory that returns one given backbone."""
+
+    def __init__(self, backbone) -> None:
+        self.backbone = backbone
+
+    def __call__(self):
+        return self.backbone
+
+
+def _resolved_path(backbone) -> str:
+    """The local checkpoint file the client loaded, so workers load exactly that file."""
+    return str(getattr(backbone, "weights_path", None) or backbone.weights_origin)
+
+
+def _facts(local: Any, name: str) -> BackboneFacts:
+    return BackboneFacts(
+        name=name,
+        patch_size=int(local.patch_size),
+        stride=int(local.stride),
+        channels=int(local.embed_dim),
+        random_weights=getattr(local, "weights_origin", "") == "random",
+        weights_origin=getattr(local, "weights_origin", None),
+    )
+
+
+def backbone_recipe(
+    backbone: Any,
+    weights: str | None,
+    stride: int | None,
+    device: str,
+    model_options: dict,
+    threads: int | None,
+) -> tuple[Any, BackboneFacts]:
+    """``(what the workers get, what planning needs)`` for a backbone option.
+
+    A model name is loaded once here (to check it and read its facts) and shipped as a
+    :class:`~hrdv2_dask.pipeline.workers.BackboneRecipe` naming the resolved checkpoint file; a
+    zero-argument callable is shipped as the recipe's factory; a backbone object as it is.
+    """
+    with warnings.catch_warnings():
+        # load_backbone warns about random weights; extract's warning names the store instead.
+        warnings.simplefilter("ignore", RandomWeightsWarning)
+        if isinstance(backbone, str):
+            spec = model_spec(backbone)
+            local = load_backbone(backbone, weights, stride, "cpu", **model_options)
+            if local.weights_origin == "random":
+                # Every worker must run the same random model: ship the client's, once per worker.
+                recipe = BackboneRecipe(
+                    factory=_Fixed(local),
+                    factory_token=uuid.uuid4().hex,
+                    device=device,
+                    threads=threads,
+                )
+                return recipe, _facts(local, spec.timm_name)
+            recipe = BackboneRecipe(
+                name=backbone,
+                # Workers load exactly the file the client resolved (no download race, no random).
+                weights=_resolved_path(local),
+                stride=stride,
+                device=device,
+                overrides=tuple(sorted(model_options.items())),
+                threads=threads,
+            )
+            return recipe, _facts(local, spec.timm_name)
+        if callable(backbone) and not hasattr(backbone, "patch_size"):
+            local = backbone()
+            recipe = BackboneRecipe(
+                factory=backbone, factory_token=uuid.uuid4().hex, device=device, threads=threads
+            )
+            return recipe, _facts(local, getattr(local, "name", type(local).__name__))
+    for attr in ("patch_size", "stride", "embed_dim"):
+        if not hasattr(backbone, attr):
+            raise ConfigError(
+                f"backbone must be a model name, a backbone object (with patch_size, stride, "
+                f"embed_dim) or a zero-argument callable that builds one; {backbone!r} has no "
+                f"{attr!r}."
+            )
+    return backbone, _facts(backbone, getattr(backbone, "name", type(backbone).__name__))
