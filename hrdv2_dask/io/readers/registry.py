@@ -1,0 +1,154 @@
+"""The registry of readers, in priority order, and :func:`open_image`, which consults it.
+
+Adding a format means one new module with a :class:`~._base.Reader` and one entry in
+:data:`READERS`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from hrdv2_dask.errors import InputError
+
+from . import arrays, npy, pillow, tiff, zarr_store
+from ._base import _SUPPORTED, OpenedImage, Reader, _existing_path, _is_int, _parse_chunks
+
+#: Every reader, in the order :func:`open_image` asks them; the first that can open a source
+#: opens it.
+READERS: tuple[Reader, ...] = (
+    arrays.DASK_READER,
+    arrays.NUMPY_READER,
+    zarr_store.READER,
+    tiff.READER,
+    pillow.READER,
+    npy.READER,
+)
+
+
+def find_reader(source: Any, readers: Sequence[Reader] = READERS) -> Reader | None:
+    """The first of ``readers`` whose ``can_open`` accepts ``source``, or None.
+
+    Parameters
+    ----------
+    source : object
+        An in-memory array or a :class:`pathlib.Path`.
+    readers : sequence of Reader, optional
+        The readers to ask, in order; :data:`READERS` by default.
+
+    Returns
+    -------
+    Reader or None
+
+    Examples
+    --------
+    >>> find_reader(np.zeros((2, 2))).name, find_reader(Path("a.PNG")).name
+    ('numpy', 'pillow')
+    >>> find_reader([[1, 2]]) is None
+    True
+    """
+    for reader in readers:
+        if reader.can_open(source):
+            return reader
+    return None
+
+
+def open_image(
+    source: str | os.PathLike[str] | np.ndarray | da.Array,
+    axes: str | None = None,
+    *,
+    level: int = 0,
+    chunks: int | tuple[int, int] | None = None,
+) -> OpenedImage:
+    """Open an image as a lazy ``(y, x, c)`` dask array plus its metadata.
+
+    Parameters
+    ----------
+    source : str, os.PathLike, numpy.ndarray or dask.array.Array
+        Path to a Zarr v2/v3 array or group, a TIFF/OME-TIFF/SVS, PNG, JPEG or ``.npy`` file, or
+        an in-memory array. A Zarr group must be an OME-Zarr multiscale image (``level`` picks
+        the dataset) or hold exactly one array.
+    axes : str, optional
+        Axes of the source, one letter per dimension from ``T``, ``Z``, ``C`` (or ``S``), ``Y``,
+        ``X``, e.g. ``"CYX"``. Overrides the axes in the file's metadata and the detection used
+        otherwise (2-D: ``YX``; 3-D: ``YXC`` when the last dim is 1-4, else ``CYX`` when the first
+        is; leading singleton dims are dropped). Every axis other than Y, X and C must have
+        length 1.
+    level : int, optional
+        Pyramid level (OME-Zarr dataset, TIFF/SVS resolution level); 0 is full resolution.
+    chunks : int or tuple of int, optional
+        ``(y, x)`` chunk size in px of the returned array; an int is used for both. By default
+        the source's chunking is kept, widened to at least 512 px and split to at most 4096 px
+        per side; unchunked sources get 2048 px chunks; dask inputs keep their chunks. Channels
+        are always one chunk.
+
+    Returns
+    -------
+    OpenedImage
+        ``(data, meta)``: ``data`` a lazy dask array of shape ``(y, x, c)`` with the source's
+        dtype (converted to native byte order), ``meta`` an :class:`ImageMeta`.
+
+    Raises
+    ------
+    SourceNotFoundError
+        If a path does not exist.
+    InputError
+        If the source cannot be read, has an unsupported format, dtype or layout (non-singleton
+        T/Z, fewer than 2 dims, zero size, ambiguous 3-D shape), or ``level`` is out of range.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> data, meta = open_image(np.zeros((3, 64, 48), dtype=np.uint8))
+    >>> data.shape, meta.axes, meta.format
+    ((64, 48, 3), 'CYX', 'numpy')
+    """
+    if axes is not None and not isinstance(axes, str):
+        raise InputError(f"axes must be a str such as 'YXC' or 'CYX', or None; got {axes!r}.")
+    if not _is_int(level) or level < 0:
+        raise InputError(f"level must be an int >= 0 (0 is full resolution), got {level!r}.")
+    level = int(level)
+    chunks_yx = _parse_chunks(chunks)
+
+    if isinstance(source, (str, os.PathLike)):
+        source = _existing_path(source)
+    reader = find_reader(source, READERS)
+    if reader is None:
+        raise _unsupported(source)
+    return reader.open(source, axes, level=level, chunks_yx=chunks_yx)
+
+
+def read_thumbnail(data: da.Array, *, max_side: int = 1024) -> np.ndarray:
+    """A subsampled copy of an opened image, at most ``max_side`` px along its longer side.
+
+    Every ``s``-th pixel (``s = ceil(max(H, W) / max_side)``) of a ``(y, x, c)`` array from
+    :func:`open_image`, read chunk by chunk; pixel ``(r, c)`` of the result is image pixel
+    ``(r * s, c * s)``. Each source chunk is read once (no pyramid level is needed).
+
+    Examples
+    --------
+    >>> data, _ = open_image(np.arange(100, dtype=np.uint8).reshape(10, 10))
+    >>> read_thumbnail(data, max_side=4)[..., 0].tolist()
+    [[0, 3, 6, 9], [30, 33, 36, 39], [60, 63, 66, 69], [90, 93, 96, 99]]
+    """
+    if max_side < 1:
+        raise InputError(f"max_side must be >= 1, got {max_side!r}.")
+    step = max(1, -(-max(data.shape[:2]) // int(max_side)))
+    return np.asarray(data[::step, ::step].compute())
+
+
+def _unsupported(source: Any) -> InputError:
+    """The error for a source that no reader claims."""
+    if isinstance(source, Path):
+        return InputError(
+            f"Unsupported image file {str(source)!r} (suffix {source.suffix!r}); supported: "
+            f"{_SUPPORTED}. Convert the image to one of these formats."
+        )
+    return InputError(
+        f"Cannot open a source of type {type(source).__name__}; pass a path to {_SUPPORTED}."
+    )
