@@ -103,17 +103,23 @@ def _describe(tp: Any) -> str:
     if tp is float:
         return "a number"
     if tp is str:
-        return "a non-empty string"
+        return "a string (not empty)"
     if tp is dict:
         return "a mapping"
     if isinstance(tp, type) and issubclass(tp, Settings):
         return "a mapping"
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-        return f"a list of {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {_plural(args[0])}"
     if origin is tuple:
-        return f"a list of {len(args)} {_describe(args[0]).removeprefix('an ').removeprefix('a ')}s"
+        return f"a list of {len(args)} {_plural(args[0])}"
     return "anything"
+
+
+def _plural(tp: Any) -> str:
+    """``integers`` for ``int``, ``lists of 2 integers`` for ``tuple[int, int]``."""
+    words = _describe(tp).removeprefix("an ").removeprefix("a ").split(" ", 1)
+    return " ".join([words[0] + "s", *words[1:]])
 
 
 class _Bad(Exception):
@@ -430,7 +436,7 @@ def _add_argument(
 ) -> None:
     flag = spec.cli or "--" + f"{prefix}{f.name}".replace("_", "-")
     help_ = spec.help
-    if f.default not in (None, False, ()) and not spec.positional:
+    if not (f.default is None or f.default is False or f.default == ()) and not spec.positional:
         help_ += f" (default: {_plain(f.default)})"
     if spec.positional:
         parser.add_argument(_dest(prefix, f.name), help=help_, metavar=spec.metavar)

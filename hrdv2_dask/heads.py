@@ -5,7 +5,8 @@ averaging views are all linear and preserve constants, so an affine head ``f -> 
 the same result whether it runs on the full-resolution features or on each view's
 low-resolution map before resampling. Running it first is far cheaper: a PCA to 16 channels
 resamples 16 channels instead of 384. :func:`hrdv2_dask.highres_features` takes a head with
-``head=``, and :func:`hrdv2_dask.extract` uses one for ``components=K``.
+``head=``, and :func:`hrdv2_dask.extract` uses one for ``components=K``, fitted with
+:func:`pca_basis` (numpy only, also used by :func:`hrdv2_dask.analysis.fit_pca`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,53 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["LinearHead"]
+__all__ = ["LinearHead", "pca_basis"]
+
+
+def pca_basis(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """PCA of samples: mean, top-``k`` components, their variances and the total variance.
+
+    The covariance is accumulated in float64 over slices of 16384 rows, so ``x`` may be a large
+    float16/float32 sample. Component signs are fixed (largest entry positive) so that fits
+    are reproducible.
+
+    Parameters
+    ----------
+    x : numpy.ndarray
+        ``(n, C)`` samples, one feature vector per row.
+    k : int
+        Number of components, 1 to C.
+
+    Returns
+    -------
+    mean : numpy.ndarray
+        ``(C,)`` float64 mean.
+    components : numpy.ndarray
+        ``(k, C)`` float64 unit principal directions, by decreasing variance.
+    variances : numpy.ndarray
+        ``(k,)`` float64 variance along each component (>= 0).
+    total : float
+        Total variance (sum over all C directions).
+
+    Examples
+    --------
+    >>> x = np.array([[0.0, 0.0], [2.0, 0.0], [4.0, 0.0], [2.0, 0.1]])
+    >>> mean, comps, var, total = pca_basis(x, 1)
+    >>> mean.tolist(), comps.round(3).tolist()
+    ([2.0, 0.025], [[1.0, 0.0]])
+    """
+    mean = x.mean(axis=0, dtype=np.float64)
+    cov = np.zeros((x.shape[1], x.shape[1]), dtype=np.float64)
+    for start in range(0, len(x), 16384):
+        xc = x[start : start + 16384].astype(np.float64) - mean
+        cov += xc.T @ xc
+    cov /= max(len(x) - 1, 1)
+    evals, evecs = np.linalg.eigh(cov)
+    order = np.argsort(evals)[::-1][:k]
+    comps = evecs[:, order].T
+    signs = np.sign(comps[np.arange(k), np.abs(comps).argmax(axis=1)])
+    comps *= np.where(signs == 0, 1.0, signs)[:, None]
+    return mean, comps, np.clip(evals[order], 0.0, None), float(np.clip(evals, 0, None).sum())
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hrdv2_dask import analysis as an
+from hrdv2_dask.analysis.segment import _labels_on_grid
 from hrdv2_dask.errors import ConfigError, InputError, StoreError
 from hrdv2_dask.io import open_image
 from hrdv2_dask.io import outputs as out
@@ -278,7 +279,7 @@ def test_kmeans_label_dtype_and_errors():
         == np.uint16
     )
     feats = _store(np.zeros((2, 4, 4), np.float32))
-    with pytest.raises(ConfigError, match="k must be >= 2"):
+    with pytest.raises(ConfigError, match=r"cluster\.k must be an integer >= 2 "):
         an.fit_kmeans(feats, k=1)
 
 
@@ -380,14 +381,14 @@ def test_scribble_segmentation_with_image_resolution_labels():
     big_truth = np.kron(truth, np.ones((4, 4), int))[:158, :157]
     for row in (9, 45, 70, 90, 149):
         image_labels[row] = big_truth[row]
-    grid = an._labels_on_grid(image_labels, feats.data, 4, "mode").compute()
+    grid = _labels_on_grid(image_labels, feats.data, 4, "mode").compute()
     assert grid.shape == (40, 40) and (grid[[2, 11, 17, 22, 37]] > 0).all()
     seg, report = an.fit_segmenter(feats, da.from_array(image_labels, chunks=60), holdout=0.25)
     assert report["n_labelled"] == 5 * 40
     pred = seg.predict(feats).values
     assert (pred[grid == 0] == truth[grid == 0]).mean() > 0.95
     # nearest neighbour keeps only rows whose centre pixel (4 i + 2) is labelled: 70 and 90
-    nearest = an._labels_on_grid(image_labels, feats.data, 4, "nearest").compute()
+    nearest = _labels_on_grid(image_labels, feats.data, 4, "nearest").compute()
     assert sorted(np.flatnonzero(nearest.any(axis=1))) == [17, 22]
 
 
