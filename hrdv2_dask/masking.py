@@ -1,4 +1,4 @@
-"""Foreground masks: which parts of an image are worth computing (numpy and scipy only).
+"""Foreground masks: which parts of an image are worth computing (numpy, scipy, skimage).
 
 Whole-slide images are mostly empty glass. :func:`foreground_mask` finds the foreground on a
 small thumbnail with Otsu's threshold; :func:`hrdv2_dask.tiling.windows_touching` then lists the
@@ -19,33 +19,45 @@ Background = Literal["bright", "dark"]
 
 
 def otsu_threshold(values: np.ndarray, *, bins: int = 256) -> float:
-    """Otsu's threshold of a sample (maximises the between-class variance of ``v > t``).
+    """Otsu's threshold of a sample, by :func:`skimage.filters.threshold_otsu`.
 
-    The threshold is a histogram bin edge, so ``values > t`` splits exactly as the histogram
-    does (no value of a bin ends up on the other side).
+    A thin wrapper for three things skimage does not do: NaN and infinite values are dropped,
+    an empty or constant sample returns its value (0.0 when empty), and the threshold is moved
+    from skimage's bin centre to just below the upper edge of that bin, so that ``values > t``
+    splits exactly as the histogram does (no value of a bin ends up on the other side).
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        Any shape, any real dtype.
+    bins : int, optional
+        Number of histogram bins over ``[min, max]`` of the finite values.
+
+    Returns
+    -------
+    float
+        ``values > t`` is the upper class.
 
     Examples
     --------
     >>> v = np.r_[np.zeros(50), np.ones(50)]
     >>> 0.0 < otsu_threshold(v) < 1.0
     True
+    >>> otsu_threshold(np.array([3.0, 3.0, np.nan]))
+    3.0
     """
+    from skimage.filters import threshold_otsu
+
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
     lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if hi <= lo:
         return lo
-    hist, edges = np.histogram(values, bins=bins, range=(lo, hi))
+    counts, edges = np.histogram(values, bins=bins, range=(lo, hi))
     centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    s0 = np.cumsum(hist * centres)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        m0 = s0 / w0
-        m1 = (s0[-1] - s0) / w1
-        between = w0 * w1 * (m0 - m1) ** 2
-    between = np.nan_to_num(between[:-1], nan=-1.0)
-    return float(edges[int(np.argmax(between)) + 1])
+    k = int(np.searchsorted(centres, threshold_otsu(hist=(counts, centres))))
+    # bin k holds edges[k] <= v < edges[k + 1]: the largest float below that edge splits it off
+    return float(np.nextafter(edges[k + 1], -np.inf))
 
 
 def foreground_mask(

@@ -5,7 +5,8 @@ Resolution order (:func:`resolve_weights`): an explicit file, then the torch-hub
 from the Hugging Face hub or the official URL. Checkpoint formats (:func:`to_timm_state_dict`):
 
 - official facebookresearch DINOv2 (``cls_token``, ``pos_embed`` with the class position,
-  ``register_tokens``, ``mask_token``, ``blocks.N.mlp.w12`` for SwiGLU);
+  ``register_tokens``, ``mask_token``, ``blocks.N.mlp.w12`` for SwiGLU), converted by timm's
+  own DINOv2 rule (``_convert_dinov2``, the core of ``checkpoint_filter_fn``);
 - timm (loaded as is);
 - Hugging Face transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel`` (``embeddings.*``,
   ``encoder.layer.N.*``, optionally under ``dinov2.``).
@@ -113,24 +114,19 @@ def _hf_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _official_to_timm(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """Rename official DINOv2 keys to timm's (register models fold the class position)."""
-    sd = dict(sd)
-    sd.pop("mask_token", None)
-    # Official checkpoints trained with block chunking use blocks.<chunk>.<i>.
+    """Rename official DINOv2 keys to timm's with timm's own ``_convert_dinov2``.
+
+    That is the DINOv2 branch of ``timm.models.vision_transformer.checkpoint_filter_fn``: it
+    drops ``mask_token``, renames ``register_tokens``, ``mlp.w12``/``mlp.w3`` and folds the class
+    position into ``cls_token`` for register models (timm builds those ``no_embed_class``).
+    """
+    from timm.models.vision_transformer import _convert_dinov2
+
+    # Ours: timm's filter has no rule for block-chunked training checkpoints (blocks.<chunk>.<i>).
     if any(re.match(r"blocks\.\d+\.\d+\.", k) for k in sd):
         sd = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in sd.items()}
-    if "register_tokens" in sd:
-        sd["reg_token"] = sd.pop("register_tokens")
-        if getattr(model, "no_embed_class", False):
-            pos = sd["pos_embed"]
-            sd["cls_token"] = sd["cls_token"] + pos[:, :1]
-            sd["pos_embed"] = pos[:, 1:]
-    out = {}
-    for key, value in sd.items():
-        key = re.sub(r"^(blocks\.\d+\.mlp\.)w12\.", r"\1fc1.", key)
-        key = re.sub(r"^(blocks\.\d+\.mlp\.)w3\.", r"\1fc2.", key)
-        out[key] = value
-    return out
+    # Not the whole filter: it resamples pos_embed/patch kernel by timm's rule (ours: at run time).
+    return _convert_dinov2(dict(sd), model)  # dict(): timm pops keys from its input
 
 
 def to_timm_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

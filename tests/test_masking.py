@@ -32,6 +32,28 @@ def test_otsu_splits_two_modes():
     assert -1.5 < otsu_threshold(values) < 2.5
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    values=st.lists(st.integers(0, 300), min_size=2, max_size=300).map(np.array)
+    | st.lists(st.floats(-1e3, 1e3), min_size=2, max_size=300).map(np.array),
+    junk=st.lists(st.sampled_from([np.nan, np.inf, -np.inf]), max_size=3),
+)
+def test_otsu_is_skimages_split_of_the_finite_values(values, junk):
+    from skimage.filters import threshold_otsu
+
+    values = values.astype(np.float64)
+    t = otsu_threshold(np.r_[values, junk])  # NaN and infinite values are dropped
+    if np.ptp(values) == 0:
+        assert t == values[0]
+        return
+    assert t == otsu_threshold(values)
+    counts, edges = np.histogram(values, bins=256, range=(values.min(), values.max()))
+    bin_of = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, 255)
+    k = np.clip(np.searchsorted(edges, threshold_otsu(values), side="right") - 1, 0, 255)
+    # the same classes as skimage's threshold bin, and no bin split by values > t
+    assert np.array_equal(values > t, bin_of > k)
+
+
 def test_foreground_mask_finds_the_tissue(slide):
     img, blob = slide
     fg = foreground_mask(img[::4, ::4], dilate_px=0)

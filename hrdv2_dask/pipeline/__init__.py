@@ -1,9 +1,22 @@
 """The Dask pipeline: plan (pure), inputs, graph, workers, cluster, execute, and ``extract``.
 
-Layers: ``plan`` and ``graph`` need no cluster; ``execute`` and ``cluster`` do; ``extract``
-ties them together (plan → store → execute).
+``plan`` needs no cluster and imports no Dask (``import hrdv2_dask.pipeline.plan`` stays light);
+``graph`` builds the tasks; ``execute`` and ``cluster`` need a cluster; ``extract`` ties them
+together (plan → store → execute). ``extract`` is imported on first use.
 """
 
-from .extract import extract, split_options
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = ["extract", "split_options"]
+
+if TYPE_CHECKING:
+    from .extract import extract, split_options
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        return getattr(importlib.import_module(".extract", __name__), name)
+    raise AttributeError(f"module 'hrdv2_dask.pipeline' has no attribute {name!r}")

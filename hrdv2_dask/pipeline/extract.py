@@ -26,7 +26,7 @@ from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
 from .execute import Run
 from .graph import SourceReader
-from .inputs import backbone_recipe, estimate_value_range, resolve_mask
+from .inputs import backbone_recipe, describe_intensities, estimate_value_range, resolve_mask
 from .plan import RunPlan, plan_grid, plan_run, transform_set, with_projection
 from .workers import backbone_on_workers
 
@@ -170,6 +170,7 @@ def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
         source=meta.to_dict(),
         store=str(store),
         compute=compute,
+        intensity=describe_intensities(data.dtype, features.value_range),
     )
 
 

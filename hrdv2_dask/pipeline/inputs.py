@@ -19,11 +19,12 @@ from ..backbones import RandomWeightsWarning, load_backbone, model_spec
 from ..errors import ConfigError, InputError
 from ..io.readers import open_image, read_thumbnail
 from ..masking import foreground_mask
+from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..tiling import TileGrid, windows_touching
 from .plan import BackboneFacts
 from .workers import BackboneRecipe
 
-__all__ = ["backbone_recipe", "estimate_value_range", "resolve_mask"]
+__all__ = ["backbone_recipe", "describe_intensities", "estimate_value_range", "resolve_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -31,31 +32,32 @@ _AUTO_MASKS = {"auto": "bright", "auto-dark": "dark"}
 
 
 def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
-    """Global intensity mapping: dtype range for uint8/bool, else 0.5/99.5 percentiles.
+    """The intensity policy (:func:`hrdv2_dask.preprocess.intensity_range`) on a lazy image.
 
-    The percentiles come from up to ``max_chunks`` chunks picked with a fixed seed, so the
+    The dtype range for uint8/bool; otherwise the 0.5/99.5 percentiles of up to ``max_chunks``
+    chunks picked with a fixed seed (:func:`~hrdv2_dask.preprocess.sample_chunk_ids`), so the
     mapping is the same on every run and never needs the whole image in memory.
     """
-    dtype = np.dtype(data.dtype)
-    if dtype == np.uint8:
-        return (0.0, 255.0)
-    if dtype == np.bool_:
-        return (0.0, 1.0)
-    grid = [range(n) for n in data.numblocks[:2]]
-    ids = [(j, i) for j in grid[0] for i in grid[1]]
-    rng = np.random.default_rng(seed)
-    picked = sorted(rng.choice(len(ids), size=min(max_chunks, len(ids)), replace=False))
-    blocks = dask.compute(*[data.blocks[ids[k][0], ids[k][1]] for k in picked])
+    fixed = fixed_intensity_range(data.dtype)
+    if fixed is not None:
+        return fixed
+    ids = sample_chunk_ids(data.numblocks[:2], seed=seed, max_chunks=max_chunks)
+    blocks = dask.compute(*[data.blocks[j, i] for j, i in ids])
     sample = np.concatenate([np.asarray(b).reshape(-1, data.shape[-1]) for b in blocks])
-    sample = sample[:, :3].astype(np.float64)
-    if not np.isfinite(sample).all():
-        raise InputError(
-            "The image has NaN or infinite pixels; fill or mask them first (e.g. np.nan_to_num)."
-        )
-    lo, hi = np.percentile(sample, [0.5, 99.5])
-    if hi <= lo:
-        hi = lo + 1.0
-    return (float(lo), float(hi))
+    return intensity_range(sample, dtype=data.dtype)
+
+
+def describe_intensities(dtype, value_range: tuple[float, float] | None) -> str:
+    """How the intensities were mapped, for the store's provenance.
+
+    >>> describe_intensities(np.dtype("uint16"), None)
+    'percentiles 0.5/99.5 of up to 64 chunks (seed 0)'
+    """
+    if value_range is not None:
+        return "given value_range"
+    if fixed_intensity_range(dtype) is not None:
+        return "dtype range"
+    return "percentiles 0.5/99.5 of up to 64 chunks (seed 0)"
 
 
 def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> np.ndarray | None:

@@ -142,8 +142,8 @@ def default_block(channels: int, chunk_cells: int, n_windows: tuple[int, int]) -
     """Chunks per block side: within the memory budget, at most 4, and at least 2 blocks a side
     when the image allows, so that tasks run in parallel and progress shows.
 
-    >>> default_block(384, 440, (10, 10)), default_block(384, 440, (1, 7))
-    (2, 1)
+    >>> default_block(384, 440, (10, 10)), default_block(16, 440, (10, 10))
+    (1, 4)
     """
     per_chunk = (channels + 1) * (chunk_cells + 1) ** 2 * 4
     by_memory = int(math.sqrt(BLOCK_BYTES / per_chunk))
@@ -182,7 +182,7 @@ def mask_description(mask: Any) -> str | None:
     """How a mask is recorded in the settings: its name, or an array's shape and digest.
 
     >>> mask_description(np.ones((2, 3), bool))
-    'array 2x3 sha1:d30d8d5f2a3d'
+    'array 2x3 sha1:ab461f6b8a68'
     """
     if mask is None:
         return None
@@ -202,6 +202,7 @@ def plan_run(
     source: Mapping[str, Any],
     store: str,
     compute: np.ndarray | None = None,
+    intensity: str | None = None,
 ) -> RunPlan:
     """The plan of one extraction.
 
@@ -223,6 +224,8 @@ def plan_run(
         The output store's path.
     compute : numpy.ndarray, optional
         ``(n_windows_y, n_windows_x)`` bool: the windows to compute (a mask); default all.
+    intensity : str, optional
+        How ``value_range`` was found (recorded in the provenance).
     """
     channels = backbone.channels
     components = features.components
@@ -268,6 +271,8 @@ def plan_run(
         "weights_origin": backbone.weights_origin,
         "source": dict(source),
     }
+    if intensity is not None:
+        provenance["intensity"] = intensity
     if compute is not None:
         provenance["computed_windows"] = int(compute.sum())
         provenance["skipped_windows"] = int(compute.size - compute.sum())

@@ -19,7 +19,9 @@ import zarr
 import hrdv2_dask as hd
 
 # Attributes added after the digests were taken (absent from the pinned stores).
-_ADDED: frozenset[str] = frozenset()
+_ADDED: frozenset[str] = frozenset(
+    {"intensity"}  # the rule behind value_range (issue: one intensity policy, recorded in attrs)
+)
 # Attributes that name this run's paths (tmp_path differs per run).
 _PATHS = ("path",)
 

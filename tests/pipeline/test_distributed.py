@@ -36,7 +36,7 @@ from hrdv2_dask.pipeline.cluster import (
 )
 from hrdv2_dask.workflows import SlurmSettings, Workflow, run_workflow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_OPTIONS = {"embed_dim": 64, "depth": 2, "num_heads": 4}
 TINY = tuple(f"{k}={v}" for k, v in TINY_OPTIONS.items())
 
@@ -403,7 +403,7 @@ def test_scheduler_and_started_cluster_exclude_each_other(image_npy, tmp_path, c
         + ["--scheduler", "tcp://127.0.0.1:1", "--cluster", "cuda"]
     )
     assert code == 2
-    assert "exclude each other" in capsys.readouterr().err
+    assert "excludes cluster.kind: cuda" in capsys.readouterr().err
     assert not (tmp_path / "o.zarr").exists()
 
 
