@@ -474,7 +474,7 @@ def quiet_random_weights() -> Iterator[None]:
     """Silence the library's random-weights warnings: the suites' outputs say it themselves."""
     drop = _DropRandomWeights()
     loggers = [
-        logging.getLogger(n) for n in ("hrdv2_dask.pipeline.extract", "hrdv2_dask.backbones")
+        logging.getLogger(n) for n in ("hrdv2_dask.pipeline.extraction", "hrdv2_dask.backbones")
     ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)

@@ -118,7 +118,7 @@ class _RunPhaseTime(logging.Handler):
 @contextlib.contextmanager
 def _run_phase_time() -> Iterator[_RunPhaseTime]:
     handler = _RunPhaseTime()
-    logger = logging.getLogger("hrdv2_dask.pipeline.extract")
+    logger = logging.getLogger("hrdv2_dask.pipeline.extraction")
     level = logger.level
     logger.addHandler(handler)
     if not logger.isEnabledFor(logging.INFO):

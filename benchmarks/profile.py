@@ -80,7 +80,7 @@ def flat_profile(tree: dict[str, Any]) -> tuple[int, dict[str, int], dict[str, i
 @contextlib.contextmanager
 def _profiled_cluster(store: dict[str, Any]) -> Iterator[None]:
     """Make ``extract``'s embedded cluster hand over its profile before it closes."""
-    extract_module = importlib.import_module("hrdv2_dask.pipeline.extract")
+    extract_module = importlib.import_module("hrdv2_dask.pipeline.extraction")
     original = extract_module.cluster_client
 
     @contextlib.contextmanager

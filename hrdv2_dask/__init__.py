@@ -54,7 +54,7 @@ _EXPORTS = {
     "ImageMeta": ".io.readers",
     "open_image": ".io.readers",
     "open_features": ".io.store",
-    "extract": ".pipeline.extract",
+    "extract": ".pipeline.extraction",
 }
 
 __all__ = [
@@ -116,7 +116,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     from .heads import LinearHead, pca_basis
     from .io.readers import ImageMeta, open_image
     from .io.store import open_features
-    from .pipeline.extract import extract
+    from .pipeline.extraction import extract
     from .preprocess import normalize
     from .transforms import (
         Compose,

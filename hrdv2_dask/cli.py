@@ -19,7 +19,7 @@ log = logging.getLogger("hrdv2_dask")
 
 
 def _features(args) -> int:
-    from .pipeline.extract import extract
+    from .pipeline import extract
     from .workflows import extract_options
 
     features = FeatureSettings.from_args(args)

@@ -168,7 +168,7 @@ def _weights_or_random(f: FeatureSettings) -> str | None:
 
 def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True):
     from .io.samples import write_sample_image
-    from .pipeline.extract import extract
+    from .pipeline import extract
 
     source = wf.input
     if source == "sample":

@@ -13,7 +13,7 @@ import pytest
 import hrdv2_dask as hd
 from hrdv2_dask.cli import build_parser, main
 from hrdv2_dask.config import ClusterSettings, FeatureSettings, Settings, SlurmSettings
-from hrdv2_dask.pipeline.extract import split_options
+from hrdv2_dask.pipeline import split_options
 
 SECTIONS = (FeatureSettings, ClusterSettings)
 

@@ -123,3 +123,11 @@ def test_leaves_import_only_leaves(name):
 
 def test_all_lists_exactly_the_lazy_exports():
     assert sorted(hd.__all__) == sorted([*hd._EXPORTS, "__version__"])
+
+
+def test_no_module_is_shadowed_by_a_function_of_its_name():
+    import hrdv2_dask.pipeline
+    import hrdv2_dask.pipeline.extraction  # noqa: F401 - sets the submodule attribute
+
+    assert callable(hd.extract) and hd.extract is hrdv2_dask.pipeline.extract
+    assert hd.extract.__module__ == "hrdv2_dask.pipeline.extraction"
