@@ -55,15 +55,17 @@ def option(default: Any, help: str, **spec: Any) -> Any:
     return field(default=default, metadata={"spec": Spec(help=help, **spec)})
 
 
-def unknown_key(key: str, known: list[str] | tuple[str, ...], where: str) -> ConfigError:
-    """The error for an unknown key, with the closest known one.
+def unknown_key(
+    key: str, known: list[str] | tuple[str, ...], where: str, *, what: str = "key"
+) -> ConfigError:
+    """The error for an unknown key (or keyword, ``what``), with the closest known one.
 
     >>> str(unknown_key("tile_px", ["tile", "out_stride"], "features."))
     "Unknown key features.tile_px. Did you mean 'tile'? Known keys: ['out_stride', 'tile']."
     """
     hint = difflib.get_close_matches(str(key), list(known), n=1)
     extra = f" Did you mean {hint[0]!r}?" if hint else ""
-    return ConfigError(f"Unknown key {where}{key}.{extra} Known keys: {sorted(known)}.")
+    return ConfigError(f"Unknown {what} {where}{key}.{extra} Known {what}s: {sorted(known)}.")
 
 
 # --- types ----------------------------------------------------------------------------------

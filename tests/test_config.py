@@ -100,7 +100,7 @@ def test_limits_agree(cls, name, value, tmp_path, capsys):
 
 
 def test_unknown_python_option_suggests_the_closest(tmp_path):
-    with pytest.raises(hd.ConfigError, match="Unknown key option out_strid. Did you mean"):
+    with pytest.raises(hd.ConfigError, match="Unknown option out_strid. Did you mean 'out_stride'"):
         hd.extract(tmp_path / "x.npy", tmp_path / "o.zarr", out_strid=2)
 
 

@@ -45,7 +45,7 @@ def split_options(options: dict[str, Any]) -> tuple[FeatureSettings, ClusterSett
     known = sorted({*feature_names, *cluster_names})
     for key in options:
         if key not in known:
-            raise unknown_key(key, known, "option ")
+            raise unknown_key(key, known, "", what="option")
     slurm = options.get("slurm")
     if isinstance(slurm, dict):
         options = {**options, "slurm": SlurmSettings.from_dict(slurm)}
