@@ -55,6 +55,8 @@ _EXPORTS = {
     "open_image": ".io.readers",
     "open_features": ".io.store",
     "extract": ".pipeline.extraction",
+    "extract_collection": ".pipeline.collection",
+    "open_collection": ".io.collection",
 }
 
 __all__ = [
@@ -84,10 +86,12 @@ __all__ = [
     "__version__",
     "combine",
     "extract",
+    "extract_collection",
     "flips",
     "highres_features",
     "load_backbone",
     "normalize",
+    "open_collection",
     "open_features",
     "open_image",
     "output_shape",
@@ -114,8 +118,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         WeightsNotFoundError,
     )
     from .heads import LinearHead, pca_basis
+    from .io.collection import open_collection
     from .io.readers import ImageMeta, open_image
     from .io.store import open_features
+    from .pipeline.collection import extract_collection
     from .pipeline.extraction import extract
     from .preprocess import normalize
     from .transforms import (
