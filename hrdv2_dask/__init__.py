@@ -49,6 +49,7 @@ _EXPORTS = {
     "rotations": ".transforms",
     "shifts": ".transforms",
     "ClusterSettings": ".config",
+    "CollectionSettings": ".config",
     "FeatureSettings": ".config",
     "SlurmSettings": ".config",
     "ImageMeta": ".io.readers",
@@ -63,6 +64,7 @@ __all__ = [
     "Backbone",
     "ClusterError",
     "ClusterSettings",
+    "CollectionSettings",
     "Compose",
     "ConfigError",
     "FeatureSettings",
@@ -103,7 +105,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
-    from .config import ClusterSettings, FeatureSettings, SlurmSettings
+    from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings
     from .ensemble import highres_features, output_shape, position_bias
     from .errors import (
         ClusterError,

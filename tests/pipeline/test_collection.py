@@ -228,3 +228,62 @@ def test_plane_out_of_range_and_keys(tmp_path, capsys):
         hd.extract_collection(path, tmp_path / "c.zarr", plane=1)
     assert not (tmp_path / "c.zarr").exists()
     assert zarr is not None
+
+
+_SLOW_COLLECTION = """
+import sys, time, hrdv2_dask as hd
+
+class Slow(hd.MeanPool):
+    def forward(self, x):
+        time.sleep(0.3)
+        return super().forward(x)
+
+b = Slow()
+b.name = "meanpool_p14_s14"
+hd.extract_collection(sys.argv[1], sys.argv[2], backbone=b, tile=140, dtype="float32", block=1,
+                      progress=False, workers=1)
+"""
+
+
+def _blocks_done(store) -> int:
+    total = 0
+    for member in store.glob("im*"):
+        try:
+            total += int(zarr.open_group(member / "_run", mode="r")["done"][...].sum())
+        except Exception:  # noqa: BLE001 - not created yet, or already finished
+            continue
+    return total
+
+
+def test_killed_collection_resumes_to_the_same_stores(tmp_path, client):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = _folder(tmp_path, n=3)
+    store = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_COLLECTION, str(folder), str(store)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and _blocks_done(store) < 3:
+            time.sleep(0.3)
+        os.killpg(proc.pid, signal.SIGKILL)  # the run and its worker processes, mid-run
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    rows = read_members(store)
+    assert not all(r["status"] == "done" for r in rows)
+    kw = _kw(client, block=1)
+    resumed = hd.extract_collection(folder, store, **kw)
+    full = hd.extract_collection(folder, tmp_path / "full.zarr", **kw)
+    assert sorted(resumed.children) == sorted(full.children) == ["im0", "im1", "im2"]
+    for key in full.children:
+        assert np.array_equal(resumed[key]["features"].values, full[key]["features"].values)
