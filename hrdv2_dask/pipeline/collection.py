@@ -265,6 +265,9 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry) -> lis
         except Hrdv2Error as err:
             cstore.record(m.key, **_row(m, meta, status="failed", error=_one_line(err)))
             continue
+        if run_store.complete:  # finished just before an interruption could record it
+            cstore.record(m.key, **_row(m, meta, status="done", error=None))
+            continue
         cstore.record(m.key, **_row(m, meta, status="pending", error=None))
         jobs.append(_Job(m, data, meta, plan, run_store))
     return jobs
@@ -293,14 +296,8 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
                 job.error = _one_line(err)
                 cstore.record(job.member.key, status="failed", error=job.error)
-        _gather_all(_Gatherer(client, resources, progress), jobs, cstore)
-
-
-class _Gatherer(Run):
-    """A :class:`Run` without a plan or source: only :meth:`Run.gather`."""
-
-    def __init__(self, client, resources, progress) -> None:  # noqa: D107
-        self.client, self.resources, self.progress = client, resources, progress
+        if backbone is not None:  # any member's Run gathers them all
+            _gather_all(run, jobs, cstore)
 
 
 def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
