@@ -201,7 +201,7 @@ def extract_collection(
     failed = [r["key"] for r in rows if r.get("status") == "failed"]
     log.info(
         "%d members done, %d failed%s",
-        len(rows) - len(failed),
+        sum(r.get("status") == "done" for r in rows),
         len(failed),
         f" ({', '.join(failed)})" if failed else "",
     )
