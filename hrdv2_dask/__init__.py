@@ -49,18 +49,22 @@ _EXPORTS = {
     "rotations": ".transforms",
     "shifts": ".transforms",
     "ClusterSettings": ".config",
+    "CollectionSettings": ".config",
     "FeatureSettings": ".config",
     "SlurmSettings": ".config",
     "ImageMeta": ".io.readers",
     "open_image": ".io.readers",
     "open_features": ".io.store",
     "extract": ".pipeline.extraction",
+    "extract_collection": ".pipeline.collection",
+    "open_collection": ".io.collection",
 }
 
 __all__ = [
     "Backbone",
     "ClusterError",
     "ClusterSettings",
+    "CollectionSettings",
     "Compose",
     "ConfigError",
     "FeatureSettings",
@@ -84,10 +88,12 @@ __all__ = [
     "__version__",
     "combine",
     "extract",
+    "extract_collection",
     "flips",
     "highres_features",
     "load_backbone",
     "normalize",
+    "open_collection",
     "open_features",
     "open_image",
     "output_shape",
@@ -99,7 +105,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
-    from .config import ClusterSettings, FeatureSettings, SlurmSettings
+    from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings
     from .ensemble import highres_features, output_shape, position_bias
     from .errors import (
         ClusterError,
@@ -114,8 +120,10 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
         WeightsNotFoundError,
     )
     from .heads import LinearHead, pca_basis
+    from .io.collection import open_collection
     from .io.readers import ImageMeta, open_image
     from .io.store import open_features
+    from .pipeline.collection import extract_collection
     from .pipeline.extraction import extract
     from .preprocess import normalize
     from .transforms import (

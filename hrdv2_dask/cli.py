@@ -1,7 +1,8 @@
 """Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|run|demo``.
 
 Each subcommand parses its arguments, builds the options and calls one public function. Errors
-that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr.
+that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr; a
+collection with failed members ends with exit code 3 after its summary.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import ClusterSettings, FeatureSettings
+from .config import ClusterSettings, CollectionSettings, FeatureSettings
 from .errors import Hrdv2Error
 
 log = logging.getLogger("hrdv2_dask")
@@ -24,6 +25,12 @@ def _features(args) -> int:
 
     features = FeatureSettings.from_args(args)
     cluster = ClusterSettings.from_args(args)
+    if features.plane is None:
+        from .pipeline.members import list_members
+
+        members = list_members(args.input, axes=features.axes, level=features.level)
+        if not members.single:
+            return _collection(args, features, cluster)
     out = extract(
         args.input,
         args.output,
@@ -34,9 +41,48 @@ def _features(args) -> int:
     return 0
 
 
+def _collection(args, features, cluster) -> int:
+    """``features`` for an INPUT of several images: a collection store and a summary."""
+    from .pipeline.collection import extract_collection
+    from .workflows import extract_options
+
+    collection = CollectionSettings.from_args(args)
+    extract_collection(
+        args.input,
+        args.output,
+        progress=not args.quiet,
+        **extract_options(features, cluster),
+        **{api: getattr(collection, n) for api, n in CollectionSettings.api_names().items()},
+    )
+    return _summary(args.output)
+
+
+def _summary(store) -> int:
+    """Print a collection's members done and failed (with reasons); 3 if any failed."""
+    from .io.collection import read_members
+
+    rows = read_members(store)
+    failed = [r for r in rows if r.get("status") == "failed"]
+    done = sum(r.get("status") == "done" for r in rows)
+    print(f"{store}: {len(rows)} members, {done} done, {len(failed)} failed")
+    for row in failed:
+        print(f"  failed {row['key']} ({row.get('source')}): {row.get('error')}")
+    return 3 if failed else 0
+
+
 def _info(args) -> int:
+    from .io.collection import is_collection, members_csv, read_members
     from .io.store import open_features
 
+    if is_collection(args.store):
+        if args.table:
+            print(members_csv(read_members(args.store)), end="")
+            return 0
+        for row in read_members(args.store):
+            shape = "x".join(str(v) for v in row.get("shape") or []) or "?"
+            error = f"  {row['error']}" if row.get("error") else ""
+            print(f"{row['key']}\t{row.get('status')}\t{shape}\t{row.get('source')}{error}")
+        return 0
     arr = open_features(args.store)
     print(
         json.dumps(
@@ -97,10 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("features", help="compute a feature store from an image")
-    f.add_argument("input", help="image: Zarr, OME-Zarr, TIFF/OME-TIFF/SVS, PNG, JPEG or .npy")
+    f.add_argument(
+        "input",
+        help="image (Zarr, OME-Zarr, TIFF/OME-TIFF/SVS, PNG, JPEG or .npy), or several: a stack "
+        "(Z/T axis longer than 1), a folder, a glob, a .txt or .csv list (a collection store)",
+    )
     f.add_argument("output", help="output Zarr store (created or resumed)")
     FeatureSettings.add_arguments(f)
     ClusterSettings.add_arguments(f)
+    CollectionSettings.add_arguments(f)
     f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.set_defaults(func=_features)
 
@@ -113,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("info", help="describe a feature store")
     i.add_argument("store")
+    i.add_argument("--table", action="store_true", help="a collection's members table as CSV")
     i.set_defaults(func=_info)
 
     d = sub.add_parser("demo", help="build a sample image and extract its features")

@@ -29,6 +29,7 @@ __all__ = [
     "CLUSTERS",
     "DTYPES",
     "ClusterSettings",
+    "CollectionSettings",
     "FeatureSettings",
     "Settings",
     "SlurmSettings",
@@ -41,6 +42,8 @@ __all__ = [
 CLUSTERS = ("local", "cuda", "slurm")
 #: Stored feature dtypes.
 DTYPES = ("float16", "float32")
+#: How the members of a collection map their intensities.
+INTENSITIES = ("per-image", "shared")
 
 
 # --- the feature, cluster and SLURM sections -------------------------------------------------
@@ -136,6 +139,12 @@ class FeatureSettings(Settings):
     )
     axes: str | None = option(None, "axes of the source, e.g. CYX (default: from the file)")
     level: int = option(0, "pyramid level of the source (0 = full resolution)", minimum=0)
+    plane: int | None = option(
+        None,
+        "one plane of a Z/T stack (default: a stack is a collection of its planes)",
+        minimum=0,
+        metavar="K",
+    )
     overwrite: bool = option(False, "replace a store made with other settings")
 
 
@@ -221,3 +230,20 @@ class ClusterSettings(Settings):
             )
         if self.kind == "slurm" and self.slurm is None:
             object.__setattr__(self, "slurm", SlurmSettings())
+
+
+@dataclass(frozen=True)
+class CollectionSettings(Settings):
+    """The options of a collection run (:func:`hrdv2_dask.extract_collection`, ``hrdv2
+    features`` with a folder, a list or a stack) beyond those of one image."""
+
+    SECTION: ClassVar[str] = "collection"
+
+    intensity: str | None = option(
+        None,
+        "intensity mapping of the members: each its own (per-image) or one for all, estimated "
+        "from a seeded sample across members (shared); default: shared for the planes of one "
+        "stack, per-image otherwise",
+        choices=INTENSITIES,
+    )
+    retry_failed: bool = option(False, "compute again the members that failed in an earlier run")

@@ -146,3 +146,17 @@ def test_analysis_commands_come_from_the_registry():
         parser = _subparser(name)
         dests = {a.dest for a in parser._actions}
         assert {f.name for f in dataclasses.fields(analysis.options)} <= dests, name
+
+
+def test_collection_options_come_from_the_schema():
+    from hrdv2_dask.config import CollectionSettings
+
+    dests = {a.dest for a in _subparser("features")._actions}
+    params = inspect.signature(hd.extract_collection).parameters
+    for api, name in CollectionSettings.api_names().items():
+        assert name in dests and params[api].default == CollectionSettings.defaults()[name]
+    for api in inspect.signature(hd.extract).parameters:
+        if api != "source":
+            assert api in params, api
+    with pytest.raises(hd.ConfigError, match="collection.intensity must be one of"):
+        hd.extract_collection([], "out.zarr", intensity="nope")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import dask
 import numpy as np
@@ -103,6 +105,19 @@ class Run:
         self, plan: BlockPlan, done: np.ndarray, token_bias: list | None, *, megapixels: float
     ) -> int:
         """Compute and write every block of ``plan`` not ``done``; the windows computed."""
+        counts, weights = self.block_tasks(plan, done, token_bias)
+        # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
+        # results that later blocks need are recomputed from the graph.
+        self.gather(counts, weights, desc="windows", megapixels=megapixels)
+        return sum(weights)
+
+    def block_tasks(
+        self, plan: BlockPlan, done: np.ndarray, token_bias: list | None
+    ) -> tuple[list, list[int]]:
+        """Delayed tasks that compute the blocks of ``plan`` not ``done``, and their windows.
+
+        The tasks of several runs (the members of a collection) can go to one :meth:`gather`.
+        """
         tasks = build_tasks(
             plan,
             source=self.source,
@@ -115,15 +130,23 @@ class Run:
         weights = [block_windows_count(plan, *k) for k in todo]
         count = dask.delayed(_count, pure=False)
         counts = [count(tasks[k], n) for k, n in zip(todo, weights, strict=True)]
-        # A task whose worker dies is rerun elsewhere (it rewrites identical chunks); lost
-        # results that later blocks need are recomputed from the graph.
-        self.gather(counts, weights, desc="windows", megapixels=megapixels)
-        return sum(weights)
+        return counts, weights
 
     def gather(
-        self, tasks: list, weights: list[int], *, desc: str, megapixels: float | None = None
+        self,
+        tasks: list,
+        weights: list[int],
+        *,
+        desc: str,
+        megapixels: float | None = None,
+        keep_errors: bool = False,
+        on_done: Callable[[int, Any], None] | None = None,
     ) -> list:
-        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows."""
+        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows.
+
+        With ``keep_errors`` a failed task's exception is its result instead of being raised
+        (the other tasks go on); ``on_done(k, result)`` is called as each task ends.
+        """
         from distributed import KilledWorker, as_completed
         from tqdm.auto import tqdm
 
@@ -136,7 +159,10 @@ class Run:
         try:
             for fut in as_completed(futures):
                 k = index[fut.key]
-                results[k] = fut.result()
+                failed = keep_errors and fut.status == "error"
+                results[k] = fut.exception() if failed else fut.result()
+                if on_done is not None:
+                    on_done(k, results[k])
                 bar.update(weights[k])
                 if megapixels is not None:
                     rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)

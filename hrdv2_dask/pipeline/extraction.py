@@ -116,7 +116,7 @@ def extract(
     embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
     # The embedded cluster runs on this machine; elsewhere each worker resolves "auto" itself.
     device = resolve_device(features.device) if embedded else check_device(features.device)
-    data, meta = open_image(source, features.axes, level=features.level)
+    data, meta = open_image(source, features.axes, level=features.level, plane=features.plane)
     threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
     recipe, facts = backbone_recipe(
         features.model,
@@ -178,33 +178,43 @@ def _execute(client, plan: RunPlan, run_store: RunStore, data, recipe, device, p
     """Estimates, store creation and the block graph on a connected cluster; windows computed."""
     resources = task_resources(client, device)
     run = Run(client, plan.blocks, SourceReader(data), recipe, resources, progress)
-    provenance = dict(plan.provenance)
     with backbone_on_workers(client, recipe, resources=resources):
-        token_bias = run.position_bias(plan.settings["debias"], saved=run_store.saved("token_bias"))
-        if plan.components is not None:
-            mean, comps = run.projection(plan.components, token_bias, saved=run_store.provenance)
-            provenance["projection_mean"] = mean.tolist()
-            provenance["projection_components"] = comps.tolist()
-            plan = with_projection(plan, LinearHead.from_pca(mean, comps))
-        run_store.create(
-            provenance=provenance,
-            shape=plan.shape,
-            chunks=plan.chunks,
-            dtype=plan.blocks.dtype,
-            blocks=plan.blocks.n_blocks,
-            halo_shapes=plan.blocks.halo_shapes(),
-            saved=None if token_bias is None else {"token_bias": np.stack(token_bias)},
-        )
-        n_blocks = plan.blocks.n_blocks
-        done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
-        if run_store.resumed:
-            log.info(
-                "resuming %s: %d of %d blocks already done",
-                run_store.path,
-                int(done.sum()),
-                done.size,
-            )
+        plan, done, token_bias = prepare_blocks(run, plan, run_store)
         return run.blocks(plan.blocks, done, token_bias, megapixels=plan.megapixels)
+
+
+def prepare_blocks(run: Run, plan: RunPlan, run_store: RunStore) -> tuple[RunPlan, Any, Any]:
+    """The estimates (on the workers) and the store's creation, before the block graph.
+
+    Returns ``(plan, done, token_bias)``: the plan with its projection head, the blocks already
+    written (resume) and the positional artefact.
+    """
+    provenance = dict(plan.provenance)
+    token_bias = run.position_bias(plan.settings["debias"], saved=run_store.saved("token_bias"))
+    if plan.components is not None:
+        mean, comps = run.projection(plan.components, token_bias, saved=run_store.provenance)
+        provenance["projection_mean"] = mean.tolist()
+        provenance["projection_components"] = comps.tolist()
+        plan = with_projection(plan, LinearHead.from_pca(mean, comps))
+    run_store.create(
+        provenance=provenance,
+        shape=plan.shape,
+        chunks=plan.chunks,
+        dtype=plan.blocks.dtype,
+        blocks=plan.blocks.n_blocks,
+        halo_shapes=plan.blocks.halo_shapes(),
+        saved=None if token_bias is None else {"token_bias": np.stack(token_bias)},
+    )
+    n_blocks = plan.blocks.n_blocks
+    done = run_store.done_blocks() if run_store.resumed else np.zeros(n_blocks, bool)
+    if run_store.resumed:
+        log.info(
+            "resuming %s: %d of %d blocks already done",
+            run_store.path,
+            int(done.sum()),
+            done.size,
+        )
+    return plan, done, token_bias
 
 
 def _signature() -> inspect.Signature:

@@ -101,6 +101,13 @@ class ImageMeta:
         Unit of ``pixel_size``, a UDUNITS name such as ``"micrometer"``; None when unknown.
     level : int, optional
         Pyramid level that was opened; 0 is full resolution.
+    plane_axis : str, optional
+        The stack axis (``"Z"`` or ``"T"``) one plane of which was opened with ``plane=``;
+        None for a single image.
+    plane : int, optional
+        Index of that plane along ``plane_axis``.
+    planes : int, optional
+        Number of planes along ``plane_axis``.
 
     Examples
     --------
@@ -117,6 +124,9 @@ class ImageMeta:
     pixel_size: tuple[float, float] | None = None
     unit: str | None = None
     level: int = 0
+    plane_axis: str | None = None
+    plane: int | None = None
+    planes: int | None = None
 
     def __post_init__(self) -> None:
         if self.path is not None and not isinstance(self.path, str):
@@ -157,6 +167,13 @@ class ImageMeta:
         if not _is_int(self.level) or self.level < 0:
             raise InputError(f"ImageMeta.level must be an int >= 0, got {self.level!r}.")
         object.__setattr__(self, "level", int(self.level))
+        if self.plane_axis is not None and not (
+            _is_int(self.plane) and _is_int(self.planes) and 0 <= self.plane < self.planes
+        ):
+            raise InputError(
+                f"ImageMeta.plane must be an int in 0..planes-1 with plane_axis, got "
+                f"plane={self.plane!r}, planes={self.planes!r}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (lists for tuples), e.g. for Zarr attributes.
@@ -164,9 +181,13 @@ class ImageMeta:
         Returns
         -------
         dict
-            Keys are the field names; :meth:`from_dict` inverts it.
+            Keys are the field names (``plane_axis``, ``plane`` and ``planes`` only for a plane
+        of a stack); :meth:`from_dict` inverts it.
         """
         out = asdict(self)
+        if self.plane_axis is None:
+            for key in ("plane_axis", "plane", "planes"):
+                del out[key]
         out["shape"] = list(self.shape)
         out["pixel_size"] = None if self.pixel_size is None else list(self.pixel_size)
         return out
@@ -193,6 +214,7 @@ class ImageMeta:
         if not isinstance(data, Mapping):
             raise InputError(f"ImageMeta.from_dict needs a mapping, got {type(data).__name__}.")
         known = {"path", "format", "shape", "dtype", "axes", "pixel_size", "unit", "level"}
+        known |= {"plane_axis", "plane", "planes"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(
@@ -234,9 +256,10 @@ class Reader:
         or a :class:`pathlib.Path`), judged from its type, suffix or being a folder, without
         reading it.
     open : callable
-        ``open(source, axes, *, level, chunks_yx) -> OpenedImage`` for a claimed source: an
-        array, or an existing absolute :class:`pathlib.Path`. ``axes`` (str or None), ``level``
-        (int >= 0) and ``chunks_yx`` (``(y, x)`` px or None) are already checked.
+        ``open(source, axes, *, level, chunks_yx, plane=None) -> OpenedImage`` for a claimed
+        source: an array, or an existing absolute :class:`pathlib.Path`. ``axes`` (str or None),
+        ``level`` (int >= 0), ``chunks_yx`` (``(y, x)`` px or None) and ``plane`` (int >= 0 or
+        None: a plane of a stack) are already checked.
 
     Examples
     --------
@@ -359,7 +382,10 @@ def _finish(
     level: int,
     pixel_size: tuple[float, float] | None = None,
     unit: str | None = None,
+    plane: tuple[str, int, int] | None = None,
 ) -> OpenedImage:
+    """``data`` in native byte order and its :class:`ImageMeta`; ``plane`` is
+    ``(axis, index, count)`` for one plane of a stack."""
     if not data.dtype.isnative:
         data = data.astype(data.dtype.newbyteorder("="))
     meta = ImageMeta(
@@ -371,6 +397,9 @@ def _finish(
         pixel_size=pixel_size,
         unit=unit if pixel_size is not None else None,
         level=level,
+        **(
+            {} if plane is None else {"plane_axis": plane[0], "plane": plane[1], "planes": plane[2]}
+        ),
     )
     logger.debug(
         "Opened %s as %s: shape %s, dtype %s, axes %r, chunks %s, pixel size %s %s",

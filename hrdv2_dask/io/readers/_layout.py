@@ -40,6 +40,15 @@ class _AxesPlan:
     x: int  # source dim of x
     c: int | None  # source dim of the channels, None for grayscale
     drop: tuple[int, ...]  # singleton source dims indexed away
+    # with ``plane=``: the stack dim (Z or T) indexed at ``plane``, and its length
+    plane_dim: int | None = None
+    plane: int = 0
+
+    def plane_info(self, shape: Sequence[int]) -> tuple[str, int, int] | None:
+        """``(axis, index, count)`` of the opened plane of a stack, None for a single image."""
+        if self.plane_dim is None:
+            return None
+        return (self.axes.upper()[self.plane_dim], self.plane, int(shape[self.plane_dim]))
 
 
 def _plan_axes(
@@ -49,6 +58,7 @@ def _plan_axes(
     from_metadata: bool,
     what: str,
     fix: str,
+    plane: int | None = None,
 ) -> _AxesPlan:
     """Work out where y, x and c are in ``shape`` from ``axes`` or, without it, from the shape.
 
@@ -65,6 +75,10 @@ def _plan_axes(
         Description of the source for messages, including its shape.
     fix : str
         How to select a single plane, for messages.
+    plane : int, optional
+        Open this plane of a stack: one Z or T axis (or, detected from the shape, a leading
+        axis that is not a channel count) may then be longer than 1. Without it every axis but
+        Y, X and C must have length 1.
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
@@ -85,7 +99,7 @@ def _plan_axes(
         logger.debug("%s: metadata axes %r name an unknown axis; detecting axes", what, axes)
         axes = None
     if axes is None:
-        axes = _detect_axes(shape, what=what, fix=fix)
+        axes = _detect_axes(shape, what=what, fix=fix, stack=plane is not None)
         reported = axes
     else:
         reported = axes
@@ -113,8 +127,12 @@ def _plan_axes(
     c_dim = _channel_dim(shape, axes, reported=reported, what=what, fix=fix)
     y_dim, x_dim = axes.index("Y"), axes.index("X")
     drop = []
+    long = [d for d, s in enumerate(shape) if s != 1 and d not in (y_dim, x_dim, c_dim)]
+    if plane is not None:
+        plane_dim = _plane_dim(shape, axes, long, plane, reported=reported, what=what)
+        long = [d for d in long if d != plane_dim]
     for dim, (letter, size) in enumerate(zip(axes, shape, strict=True)):
-        if dim in (y_dim, x_dim, c_dim):
+        if dim in (y_dim, x_dim, c_dim) or (plane is not None and dim == plane_dim):
             continue
         if size != 1:
             raise InputError(
@@ -123,7 +141,43 @@ def _plan_axes(
                 f"singleton T/Z). To use one plane, {fix}."
             )
         drop.append(dim)
-    return _AxesPlan(axes=reported, y=y_dim, x=x_dim, c=c_dim, drop=tuple(drop))
+    if plane is None or plane_dim is None:
+        return _AxesPlan(axes=reported, y=y_dim, x=x_dim, c=c_dim, drop=tuple(drop))
+    return _AxesPlan(
+        axes=reported, y=y_dim, x=x_dim, c=c_dim, drop=tuple(drop), plane_dim=plane_dim, plane=plane
+    )
+
+
+def _plane_dim(
+    shape: tuple[int, ...], axes: str, long: list[int], plane: int, *, reported: str, what: str
+) -> int | None:
+    """The stack dim that ``plane`` indexes (None for a single image), ``plane`` checked.
+
+    >>> _plane_dim((6, 9, 9), "ZYX", [0], 5, reported="ZYX", what="a"), _plane_dim(
+    ...     (9, 9), "YX", [], 0, reported="YX", what="a")
+    (0, None)
+    """
+    stack = [d for d in long if axes[d] in "TZ"]
+    if len(stack) > 1:
+        sizes = ", ".join(f"{axes[d]}={shape[d]}" for d in stack)
+        raise InputError(
+            f"{what} with axes {reported!r} has {sizes}; plane= indexes one stack axis (Z or T) "
+            "and the others must have length 1. Select a single series first."
+        )
+    if not stack:
+        if plane != 0:
+            raise InputError(
+                f"plane={plane} is out of range: {what} is a single image (no Z or T axis longer "
+                "than 1); pass plane=0 or leave it out."
+            )
+        return None
+    n = shape[stack[0]]
+    if plane >= n:
+        raise InputError(
+            f"plane={plane} is out of range: {what} has {n} planes along {axes[stack[0]]}; pass "
+            f"plane= between 0 and {n - 1}."
+        )
+    return stack[0]
 
 
 def _channel_dim(
@@ -142,8 +196,15 @@ def _channel_dim(
     return axes.index(c_letters[0]) if c_letters else None
 
 
-def _detect_axes(shape: tuple[int, ...], *, what: str, fix: str) -> str:
-    """Guess the axes of a shape without metadata (leading singletons are T/Z)."""
+def _detect_axes(shape: tuple[int, ...], *, what: str, fix: str, stack: bool = False) -> str:
+    """Guess the axes of a shape without metadata (leading singletons are T/Z).
+
+    With ``stack`` (a plane of a stack is asked for) leading dims may be longer than 1 (Z, or T
+    and Z), and a 3-D shape whose first dim is no channel count but shorter than Y and X is ZYX.
+
+    >>> _detect_axes((6, 64, 64), what="a", fix="", stack=True)
+    'ZYX'
+    """
     if len(shape) > 5:
         raise InputError(
             f"{what} has {len(shape)} dims; at most 5 (T, Z, C, Y, X) are supported. {fix}, "
@@ -152,7 +213,7 @@ def _detect_axes(shape: tuple[int, ...], *, what: str, fix: str) -> str:
     if len(shape) == 2:
         return "YX"
     lead = shape[:-3]
-    if any(s != 1 for s in lead):
+    if any(s != 1 for s in lead) and not stack:
         raise InputError(
             f"{what} has leading dims {lead} that are not singletons; supported layouts are YX, "
             f"YXC and CYX with leading singleton T/Z. To use one plane, {fix}."
@@ -163,6 +224,8 @@ def _detect_axes(shape: tuple[int, ...], *, what: str, fix: str) -> str:
         return prefix + "YXC"
     if first in (1, 2, 3, 4):
         return prefix + "CYX"
+    if stack and not lead and first < min(shape[1:]):
+        return "ZYX"
     raise InputError(
         f"{what} is ambiguous: neither its first nor its last of 3 dims is a channel count "
         "(1-4). Pass axes= explicitly, e.g. axes='CYX' or axes='ZYX' (with a singleton Z)."
@@ -211,10 +274,16 @@ def _sane_chunk_px(src: int) -> int:
 
 
 def _to_yxc(arr: da.Array, plan: _AxesPlan) -> da.Array:
-    """Lazily drop singleton dims and transpose to ``(y, x, c)``."""
-    if plan.drop:
-        arr = arr[tuple(0 if d in plan.drop else slice(None) for d in range(arr.ndim))]
-    keep = [d for d in range(len(plan.axes)) if d not in plan.drop]
+    """Lazily drop singleton dims (and pick the plane of a stack), transpose to ``(y, x, c)``."""
+    gone = (*plan.drop, *(() if plan.plane_dim is None else (plan.plane_dim,)))
+    if gone:
+        arr = arr[
+            tuple(
+                plan.plane if d == plan.plane_dim else 0 if d in gone else slice(None)
+                for d in range(arr.ndim)
+            )
+        ]
+    keep = [d for d in range(len(plan.axes)) if d not in gone]
     order = [keep.index(plan.y), keep.index(plan.x)]
     if plan.c is not None:
         order.append(keep.index(plan.c))
@@ -238,6 +307,7 @@ def _open_chunked(
     level: int,
     pixel_size: tuple[float, float] | None,
     unit: str | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     """The shared end of the chunked-file readers (Zarr, TIFF): check, plan axes, wrap lazily.
 
@@ -251,6 +321,7 @@ def _open_chunked(
         from_metadata=axes is None and meta_axes is not None,
         what=what,
         fix=_FILE_PLANE_FIX,
+        plane=plane,
     )
     data = _from_lazy(lazy, _raw_chunks(lazy.shape, plan, src_chunks, chunks_yx), fmt)
     return _finish(
@@ -261,4 +332,5 @@ def _open_chunked(
         level=level,
         pixel_size=pixel_size,
         unit=unit,
+        plane=plan.plane_info(lazy.shape),
     )

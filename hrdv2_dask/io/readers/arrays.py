@@ -36,7 +36,12 @@ def can_open_numpy(source: Any) -> bool:
 
 
 def _open_dask(
-    arr: da.Array, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    arr: da.Array,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     if any(isinstance(s, float) and math.isnan(s) for s in arr.shape):
         raise InputError(
@@ -46,7 +51,9 @@ def _open_dask(
     what = f"dask array of shape {arr.shape}"
     _check_single_level(level, what)
     _check_dtype(arr.dtype, what)
-    plan = _plan_axes(arr.shape, axes, from_metadata=False, what=what, fix=_SINGLE_PLANE_FIX)
+    plan = _plan_axes(
+        arr.shape, axes, from_metadata=False, what=what, fix=_SINGLE_PLANE_FIX, plane=plane
+    )
     data = _to_yxc(arr, plan)
     rechunk: dict[int, Any] = {}
     if chunks_yx is not None:
@@ -55,19 +62,40 @@ def _open_dask(
         rechunk[2] = -1
     if rechunk:
         data = data.rechunk(rechunk)
-    return _finish(data, path=None, fmt="dask", axes=plan.axes, level=level)
+    return _finish(
+        data,
+        path=None,
+        fmt="dask",
+        axes=plan.axes,
+        level=level,
+        plane=plan.plane_info(arr.shape),
+    )
 
 
 def _open_numpy(
-    arr: np.ndarray, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    arr: np.ndarray,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     what = f"numpy array of shape {arr.shape}"
     _check_single_level(level, what)
     _check_dtype(arr.dtype, what)
-    plan = _plan_axes(arr.shape, axes, from_metadata=False, what=what, fix=_SINGLE_PLANE_FIX)
+    plan = _plan_axes(
+        arr.shape, axes, from_metadata=False, what=what, fix=_SINGLE_PLANE_FIX, plane=plane
+    )
     raw_chunks = _raw_chunks(arr.shape, plan, None, chunks_yx)
     data = da.from_array(np.asarray(arr), chunks=raw_chunks)
-    return _finish(_to_yxc(data, plan), path=None, fmt="numpy", axes=plan.axes, level=level)
+    return _finish(
+        _to_yxc(data, plan),
+        path=None,
+        fmt="numpy",
+        axes=plan.axes,
+        level=level,
+        plane=plan.plane_info(arr.shape),
+    )
 
 
 #: Dask arrays, format ``"dask"``.

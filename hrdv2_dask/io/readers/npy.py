@@ -44,7 +44,12 @@ class _NpyArray(_LazyArray):
 
 
 def _open_npy(
-    path: Path, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    path: Path,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     try:
         mm = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -58,10 +63,17 @@ def _open_npy(
     what = f".npy file {str(path)!r} of shape {shape}"
     _check_single_level(level, what)
     _check_dtype(dtype, what)
-    plan = _plan_axes(shape, axes, from_metadata=False, what=what, fix=_FILE_PLANE_FIX)
+    plan = _plan_axes(shape, axes, from_metadata=False, what=what, fix=_FILE_PLANE_FIX, plane=plane)
     lazy = _NpyArray(str(path), shape, dtype)
     data = _from_lazy(lazy, _raw_chunks(shape, plan, None, chunks_yx), "npy")
-    return _finish(_to_yxc(data, plan), path=str(path), fmt="npy", axes=plan.axes, level=level)
+    return _finish(
+        _to_yxc(data, plan),
+        path=str(path),
+        fmt="npy",
+        axes=plan.axes,
+        level=level,
+        plane=plan.plane_info(shape),
+    )
 
 
 #: ``.npy`` files, format ``"npy"``.

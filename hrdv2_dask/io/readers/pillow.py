@@ -37,7 +37,12 @@ def can_open(source: Any) -> bool:
 
 
 def _open_pil(
-    path: Path, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    path: Path,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     from PIL import Image
 
@@ -74,10 +79,19 @@ def _open_pil(
         axes_in, from_meta = ("YX" if arr.ndim == 2 else "YXC"), True
     else:
         axes_in, from_meta = axes, False
-    plan = _plan_axes(arr.shape, axes_in, from_metadata=from_meta, what=what, fix=_FILE_PLANE_FIX)
+    plan = _plan_axes(
+        arr.shape, axes_in, from_metadata=from_meta, what=what, fix=_FILE_PLANE_FIX, plane=plane
+    )
     raw_chunks = _raw_chunks(arr.shape, plan, None, chunks_yx)
     data = da.from_array(arr, chunks=raw_chunks, name=f"{fmt}-{tokenize(str(path), arr)}")
-    return _finish(_to_yxc(data, plan), path=str(path), fmt=fmt, axes=plan.axes, level=level)
+    return _finish(
+        _to_yxc(data, plan),
+        path=str(path),
+        fmt=fmt,
+        axes=plan.axes,
+        level=level,
+        plane=plan.plane_info(arr.shape),
+    )
 
 
 #: PNG and JPEG files, formats ``"png"`` and ``"jpeg"``.

@@ -64,6 +64,7 @@ def open_image(
     *,
     level: int = 0,
     chunks: int | tuple[int, int] | None = None,
+    plane: int | None = None,
 ) -> OpenedImage:
     """Open an image as a lazy ``(y, x, c)`` dask array plus its metadata.
 
@@ -86,6 +87,10 @@ def open_image(
         the source's chunking is kept, widened to at least 512 px and split to at most 4096 px
         per side; unchunked sources get 2048 px chunks; dask inputs keep their chunks. Channels
         are always one chunk.
+    plane : int, optional
+        Open plane ``plane`` of a stack (a Z or T axis longer than 1; detected from the shape,
+        a leading dim that is no channel count, e.g. ``(6, 518, 518)`` is ZYX); ``meta`` then
+        records ``plane_axis``, ``plane`` and ``planes``. For a single image only 0 is valid.
 
     Returns
     -------
@@ -113,6 +118,8 @@ def open_image(
     if not _is_int(level) or level < 0:
         raise InputError(f"level must be an int >= 0 (0 is full resolution), got {level!r}.")
     level = int(level)
+    if plane is not None and (not _is_int(plane) or plane < 0):
+        raise InputError(f"plane must be an int >= 0 (a plane of a stack), got {plane!r}.")
     chunks_yx = _parse_chunks(chunks)
 
     if isinstance(source, (str, os.PathLike)):
@@ -120,7 +127,9 @@ def open_image(
     reader = find_reader(source, READERS)
     if reader is None:
         raise _unsupported(source)
-    return reader.open(source, axes, level=level, chunks_yx=chunks_yx)
+    if plane is None:
+        return reader.open(source, axes, level=level, chunks_yx=chunks_yx)
+    return reader.open(source, axes, level=level, chunks_yx=chunks_yx, plane=int(plane))
 
 
 def read_thumbnail(data: da.Array, *, max_side: int = 1024) -> np.ndarray:

@@ -88,7 +88,12 @@ class _TiffArray(_LazyArray):
 
 
 def _open_tiff(
-    path: Path, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    path: Path,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     import tifffile
     import zarr
@@ -139,6 +144,7 @@ def _open_tiff(
         level=level,
         pixel_size=pixel_size,
         unit=unit,
+        plane=plane,
     )
 
 

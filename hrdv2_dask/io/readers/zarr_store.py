@@ -92,7 +92,12 @@ class _ZarrImage(NamedTuple):
 
 
 def _open_zarr(
-    path: Path, axes: str | None, *, level: int, chunks_yx: tuple[int, int] | None
+    path: Path,
+    axes: str | None,
+    *,
+    level: int,
+    chunks_yx: tuple[int, int] | None,
+    plane: int | None = None,
 ) -> OpenedImage:
     import zarr
 
@@ -130,6 +135,7 @@ def _open_zarr(
         level=level,
         pixel_size=image.pixel_size,
         unit=image.unit,
+        plane=plane,
     )
 
 

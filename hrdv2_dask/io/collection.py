@@ -1,0 +1,204 @@
+"""Collection stores: one Zarr group holding a complete feature store per image and a table.
+
+Layout::
+
+    collection.zarr/
+      zarr.json       attrs ``hrdv2_collection``: the settings (once) and the members table
+      <key>/          one feature store per member (:mod:`hrdv2_dask.io.store`), opened by
+                      :func:`~hrdv2_dask.io.store.open_features` like any other
+
+The members table has one row per image: ``key``, ``source``, ``shape``, ``pixel_size``,
+``status`` (``done``, ``failed`` or ``pending``), ``error`` (one line), ``windows`` (computed
+in the run that finished it) and ``seconds``. :func:`open_collection` opens it all lazily as
+an :class:`xarray.DataTree`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import xarray as xr
+import zarr
+
+from ..errors import StoreError
+from .store import ATTR, _check_target, open_features
+
+__all__ = [
+    "COLLECTION",
+    "STATUSES",
+    "TABLE_COLUMNS",
+    "CollectionStore",
+    "is_collection",
+    "members_csv",
+    "open_collection",
+    "read_members",
+]
+
+#: The root group attribute of a collection store.
+COLLECTION = "hrdv2_collection"
+#: Columns of the members table.
+TABLE_COLUMNS = ("key", "source", "shape", "pixel_size", "status", "error", "windows", "seconds")
+#: Values of its ``status`` column.
+STATUSES = ("done", "failed", "pending")
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _root_attrs(path: Path) -> dict[str, Any] | None:
+    if not (path / "zarr.json").exists():
+        return None
+    try:
+        return zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict()
+    except Exception as err:  # noqa: BLE001 - any unreadable store is the same problem
+        raise StoreError(f"Cannot open existing store {str(path)!r}: {err}") from err
+
+
+def is_collection(store: str | os.PathLike) -> bool:
+    """Whether ``store`` is a collection store (not a single-image feature store)."""
+    attrs = _root_attrs(Path(store))
+    return attrs is not None and isinstance(attrs.get(COLLECTION), dict)
+
+
+class CollectionStore:
+    """Check, create and update a collection store; member stores are :class:`RunStore` s.
+
+    Constructing one only reads: an existing collection with other ``settings`` is refused
+    unless ``overwrite`` (then replaced at :meth:`create`).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Folder of the collection's Zarr group.
+    settings : dict
+        What every member shares (backbone, transforms, tiling, intensity policy...).
+    overwrite : bool, optional
+        Replace an existing collection instead of resuming or refusing it.
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, *, settings: dict[str, Any], overwrite: bool = False
+    ) -> None:
+        self.path = Path(path)
+        self.settings = _jsonable(settings)
+        self.overwrite = overwrite
+        _check_target(self.path)
+        self.rows: dict[str, dict[str, Any]] = {}
+        attrs = _root_attrs(self.path)
+        self.exists = attrs is not None and not overwrite
+        if attrs is None or overwrite:
+            return
+        meta = attrs.get(COLLECTION)
+        if not isinstance(meta, dict):
+            kind = "a single-image feature store" if ATTR in attrs else "not a collection store"
+            raise StoreError(
+                f"{str(self.path)!r} is {kind}; refusing to write a collection into it. Choose "
+                "a new path, or --overwrite to replace it."
+            )
+        if meta.get("settings") != self.settings:
+            old = meta.get("settings") or {}
+            diff = sorted(k for k in {*old, *self.settings} if old.get(k) != self.settings.get(k))
+            raise StoreError(
+                f"Collection {str(self.path)!r} was made with other settings (differs in: "
+                f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, or "
+                "write to a new path."
+            )
+        self.rows = {row["key"]: row for row in meta.get("members") or []}
+
+    def member_path(self, key: str) -> Path:
+        """The folder of member ``key``'s feature store."""
+        return self.path / key
+
+    def create(self) -> None:
+        """Write the empty collection group (replacing an old one with ``overwrite``)."""
+        if self.exists:
+            return
+        if self.overwrite and self.path.exists():
+            shutil.rmtree(self.path)
+        zarr.open_group(self.path, mode="w", zarr_format=3)
+        self.exists = True
+        self._write()
+
+    def record(self, key: str, **row: Any) -> None:
+        """Set member ``key``'s row (the columns given; the others kept) and save the table."""
+        current = self.rows.get(key) or {c: None for c in TABLE_COLUMNS}
+        self.rows[key] = _jsonable({**current, "key": key, **row})
+        self._write()
+
+    def _write(self) -> None:
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        group.attrs[COLLECTION] = {"settings": self.settings, "members": list(self.rows.values())}
+
+
+def read_members(store: str | os.PathLike) -> list[dict[str, Any]]:
+    """The members table of a collection store (one dict a row, in the store's order)."""
+    attrs = _root_attrs(Path(store))
+    meta = (attrs or {}).get(COLLECTION)
+    if not isinstance(meta, dict):
+        raise StoreError(f"{str(store)!r} is not a hrdv2_dask collection store.")
+    return list(meta.get("members") or [])
+
+
+def members_csv(rows: list[dict[str, Any]]) -> str:
+    """The members table as CSV text (shapes and pixel sizes as ``AxB``).
+
+    >>> print(members_csv([{"key": "a", "shape": [2, 3, 1], "status": "done"}]).strip())
+    key,source,shape,pixel_size,status,error,windows,seconds
+    a,,2x3x1,,done,,,
+    """
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=TABLE_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        cells = {}
+        for col in TABLE_COLUMNS:
+            value = row.get(col)
+            if isinstance(value, list):
+                value = "x".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            cells[col] = "" if value is None else value
+        writer.writerow(cells)
+    return out.getvalue()
+
+
+def open_collection(store: str | os.PathLike) -> xr.DataTree:
+    """Open a collection store lazily as an :class:`xarray.DataTree`.
+
+    Parameters
+    ----------
+    store : str or os.PathLike
+        A store written by :func:`hrdv2_dask.extract_collection`.
+
+    Returns
+    -------
+    xarray.DataTree
+        One child per ``done`` member, named by its key, holding the ``features`` DataArray
+        that :func:`~hrdv2_dask.io.store.open_features` gives for that member (same dims,
+        coords and attrs, dask-backed); the root's attrs hold the collection's ``settings``
+        and its ``members`` table (every member, with its status). Nothing is computed.
+
+    Raises
+    ------
+    StoreError
+        Not a collection store.
+    """
+    path = Path(store)
+    attrs = _root_attrs(path)
+    meta = (attrs or {}).get(COLLECTION)
+    if not isinstance(meta, dict):
+        raise StoreError(
+            f"{str(path)!r} is not a hrdv2_dask collection store; open a single-image store "
+            "with open_features."
+        )
+    rows = list(meta.get("members") or [])
+    nodes: dict[str, Any] = {"/": xr.Dataset(attrs={"settings": meta["settings"], "members": rows})}
+    for row in rows:
+        if row.get("status") == "done":
+            nodes[f"/{row['key']}"] = open_features(path / row["key"]).to_dataset()
+    return xr.DataTree.from_dict(nodes)

@@ -1,0 +1,361 @@
+"""``extract_collection``: many images (a stack, a folder, a list) in one run and one graph.
+
+One cluster, one model per worker, and the block tasks of every member submitted together to
+one :meth:`~hrdv2_dask.pipeline.execute.Run.gather`, so small images share the workers. Each
+member is planned as :func:`~hrdv2_dask.extract` plans one image and written to its own
+complete feature store inside the collection (:mod:`hrdv2_dask.io.collection`). A member that
+cannot be read, planned or computed is recorded ``failed`` with its one-line error; the others
+complete. Rerunning completes what is missing; ``retry_failed`` computes failed members again.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import dask
+import numpy as np
+
+from ..backbones import RandomWeightsWarning
+from ..config import ClusterSettings, CollectionSettings, FeatureSettings
+from ..device import check_device, cpu_count, resolve_device
+from ..errors import ConfigError, Hrdv2Error, InputError, StoreError
+from ..io.collection import CollectionStore, open_collection
+from ..io.readers import open_image
+from ..io.store import RunStore
+from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
+from ..transforms import TransformSet
+from .cluster import check_deployment, cluster_client, task_resources
+from .execute import Run
+from .extraction import _plan, prepare_blocks, split_options
+from .graph import SourceReader
+from .inputs import backbone_recipe
+from .members import Member, list_members
+from .plan import RunPlan, transform_set
+from .workers import backbone_on_workers
+
+__all__ = ["extract_collection", "shared_value_range"]
+
+log = logging.getLogger(__name__)
+
+
+def shared_value_range(datas: list, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
+    """One intensity mapping for all ``datas`` (lazy ``(y, x, c)`` images of one dtype).
+
+    The dtype range for uint8/bool; otherwise the policy's percentiles
+    (:func:`~hrdv2_dask.preprocess.intensity_range`) of up to ``max_chunks`` chunks drawn with
+    ``seed`` from the chunks :func:`~hrdv2_dask.preprocess.sample_chunk_ids` picks in each.
+    """
+    dtypes = sorted({str(d.dtype) for d in datas})
+    if len(dtypes) > 1:
+        raise InputError(
+            f"intensity='shared' needs members of one dtype, got {', '.join(dtypes)}; use "
+            "intensity='per-image' or give value_range=(low, high)."
+        )
+    fixed = fixed_intensity_range(datas[0].dtype)
+    if fixed is not None:
+        return fixed
+    pairs = [
+        (m, j, i)
+        for m, d in enumerate(datas)
+        for j, i in sample_chunk_ids(d.numblocks[:2], seed=seed, max_chunks=max_chunks)
+    ]
+    rng = np.random.default_rng(seed)
+    picked = sorted(rng.choice(len(pairs), min(max_chunks, len(pairs)), replace=False))
+    blocks = dask.compute(*[datas[pairs[k][0]].blocks[pairs[k][1:]] for k in picked])
+    ch = min(3, *(d.shape[-1] for d in datas))
+    sample = np.concatenate([np.asarray(b).reshape(-1, b.shape[-1])[:, :ch] for b in blocks])
+    return intensity_range(sample, dtype=datas[0].dtype)
+
+
+@dataclass
+class _Job:
+    """One member to compute in this run."""
+
+    member: Member
+    data: Any
+    meta: Any
+    plan: RunPlan
+    store: RunStore
+    tasks: tuple = ()
+    weights: tuple = ()
+    error: str | None = None
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _root_settings(features: FeatureSettings, facts, tset, intensity: str) -> dict[str, Any]:
+    """What every member shares: the collection's settings, stored once at the root."""
+    return {
+        "model": facts.name,
+        "weights": "random" if facts.random_weights else str(features.weights or "default"),
+        "random_weights": facts.random_weights,
+        "patch_size": facts.patch_size,
+        "stride": facts.stride,
+        "transforms": tset.describe(),
+        "tile": features.tile,
+        "overlap": features.overlap,
+        "out_stride": features.out_stride,
+        "dtype": features.dtype,
+        "components": features.components,
+        "debias": features.debias,
+        "block": features.block,
+        "value_range": None if features.value_range is None else list(features.value_range),
+        "intensity": intensity,
+    }
+
+
+def _split(options: dict[str, Any]) -> tuple[FeatureSettings, ClusterSettings, CollectionSettings]:
+    names = CollectionSettings.api_names()
+    collection = CollectionSettings(**{names[k]: v for k, v in options.items() if k in names})
+    features, cluster = split_options({k: v for k, v in options.items() if k not in names})
+    if features.plane is not None:
+        raise ConfigError(
+            f"plane={features.plane} picks one plane for extract(); extract_collection takes "
+            "every plane of a stack. Drop plane, or call extract(..., plane=K)."
+        )
+    return features, cluster, collection
+
+
+def extract_collection(
+    sources,
+    store: str | os.PathLike,
+    *,
+    transforms=None,
+    client=None,
+    progress: bool = True,
+    **options,
+):
+    """Compute the features of every image of ``sources`` into one collection store.
+
+    Parameters
+    ----------
+    sources : path, array or list
+        A list of paths or arrays, a folder, a glob pattern, a ``.txt`` (one path a line) or
+        ``.csv`` list (columns ``path`` and optionally ``key``, ``level``, ``mask``), or a
+        stack file whose Z or T axis is longer than 1 (each plane a member ``z000``...).
+    store : path
+        Output Zarr group: one feature store per member plus the members table.
+    transforms, client, progress
+        As for :func:`hrdv2_dask.extract`.
+    **options
+        Every option of :func:`hrdv2_dask.extract`, plus ``intensity`` (``"per-image"`` or
+        ``"shared"``; default shared for the planes of one stack, per-image otherwise) and
+        ``retry_failed``.
+
+    Returns
+    -------
+    xarray.DataTree
+        The store opened with :func:`hrdv2_dask.open_collection`.
+    """
+    features, cluster, coll = _split(options)
+    check_deployment(
+        scheduler=cluster.scheduler,
+        cluster=cluster.kind,
+        slurm=cluster.slurm,
+        workers=cluster.workers,
+    )
+    embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
+    device = resolve_device(features.device) if embedded else check_device(features.device)
+    members = list_members(sources, axes=features.axes, level=features.level)
+    intensity = coll.intensity or ("shared" if members.stack else "per-image")
+    threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
+    recipe, facts = backbone_recipe(
+        features.model,
+        features.weights,
+        features.stride,
+        device,
+        dict(features.model_options or {}),
+        threads,
+    )
+    if facts.random_weights:
+        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
+        log.warning(msg)
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
+    probe = _plan_probe(features, facts, transforms)
+    cstore = CollectionStore(
+        store,
+        settings=_root_settings(features, facts, probe, intensity),
+        overwrite=features.overwrite,
+    )
+    cstore.create()
+    jobs = _jobs(members, cstore, features, facts, transforms, intensity, coll.retry_failed)
+    if jobs:
+        with cluster_client(
+            client,
+            scheduler=cluster.scheduler,
+            cluster=cluster.kind,
+            workers=cluster.workers,
+            device=device,
+            slurm=cluster.slurm,
+        ) as c:
+            _execute(c, jobs, cstore, recipe, device, progress)
+    rows = cstore.rows.values()
+    failed = [r["key"] for r in rows if r.get("status") == "failed"]
+    log.info(
+        "%d members done, %d failed%s",
+        sum(r.get("status") == "done" for r in rows),
+        len(failed),
+        f" ({', '.join(failed)})" if failed else "",
+    )
+    return open_collection(store)
+
+
+def _plan_probe(features, facts, transforms):
+    if transforms is None:
+        return transform_set(features, facts.patch_size)
+    return transforms if isinstance(transforms, TransformSet) else TransformSet(transforms)
+
+
+def _row(member: Member, meta=None, **extra) -> dict[str, Any]:
+    row = {"source": member.label, **extra}
+    if meta is not None:
+        row.update(shape=list(meta.shape), pixel_size=meta.pixel_size)
+    return row
+
+
+def _jobs(members, cstore, features, facts, transforms, intensity, retry) -> list[_Job]:
+    """Open and plan the members still to compute; record the others' rows."""
+    opened = []
+    for m in members.members:
+        row = cstore.rows.get(m.key) or {}
+        if row.get("status") == "done" and (cstore.member_path(m.key) / "zarr.json").exists():
+            continue
+        if row.get("status") == "failed" and not retry:
+            continue
+        if m.error is not None:
+            cstore.record(m.key, **_row(m, status="failed", error=m.error))
+            continue
+        level = features.level if m.level is None else m.level
+        try:
+            data, meta = open_image(m.source, features.axes, level=level, plane=m.plane)
+        except Hrdv2Error as err:
+            cstore.record(m.key, **_row(m, status="failed", error=_one_line(err)))
+            continue
+        opened.append((m, data, meta, bool(row.get("status") == "failed")))
+    value_range = features.value_range
+    if intensity == "shared" and value_range is None and opened:
+        value_range = shared_value_range([o[1] for o in opened])
+        log.info("shared intensity mapping over %d members: %s", len(opened), value_range)
+    jobs = []
+    for m, data, meta, was_failed in opened:
+        f = features.replace(
+            mask=m.mask if m.mask is not None else features.mask,
+            value_range=value_range,
+            overwrite=False,
+        )
+        path = cstore.member_path(m.key)
+        try:
+            plan = _plan(f, facts, transforms, data, meta, path)
+            if intensity == "shared" and features.value_range is None:
+                plan.provenance["intensity"] = f"shared over {len(opened)} members (seed 0)"
+            try:
+                run_store = RunStore(path, settings=plan.settings)
+            except StoreError:
+                if not was_failed:
+                    raise
+                run_store = RunStore(path, settings=plan.settings, overwrite=True)
+        except Hrdv2Error as err:
+            cstore.record(m.key, **_row(m, meta, status="failed", error=_one_line(err)))
+            continue
+        if run_store.complete:  # finished just before an interruption could record it
+            cstore.record(m.key, **_row(m, meta, status="done", error=None))
+            continue
+        cstore.record(m.key, **_row(m, meta, status="pending", error=None))
+        jobs.append(_Job(m, data, meta, plan, run_store))
+    return jobs
+
+
+def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None:
+    """Estimates per member, then the block tasks of all members in one gather."""
+    resources = task_resources(client, device)
+    backbone = None
+    with backbone_on_workers(client, recipe, resources=resources):
+        for job in jobs:
+            try:
+                run = Run(
+                    client,
+                    job.plan.blocks,
+                    SourceReader(job.data),
+                    recipe if backbone is None else backbone,
+                    resources,
+                    progress,
+                )
+                backbone = run.backbone  # shipped once, shared by every member's tasks
+                plan, done, bias = prepare_blocks(run, job.plan, job.store)
+                job.plan = plan
+                tasks, weights = run.block_tasks(plan.blocks, done, bias)
+                job.tasks, job.weights = tuple(tasks), tuple(weights)
+            except Exception as err:  # noqa: BLE001 - one member's failure is recorded
+                job.error = _one_line(err)
+                cstore.record(job.member.key, status="failed", error=job.error)
+        if backbone is not None:  # any member's Run gathers them all
+            _gather_all(run, jobs, cstore)
+
+
+def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
+    live = [j for j in jobs if j.error is None]
+    owner, tasks, weights = [], [], []
+    for n, job in enumerate(live):
+        owner += [n] * len(job.tasks)
+        tasks += list(job.tasks)
+        weights += list(job.weights)
+    left = [len(j.tasks) for j in live]
+    t0 = time.perf_counter()
+
+    def finished(n: int) -> None:
+        job = live[n]
+        job.store.finish()
+        cstore.record(
+            job.member.key,
+            status="done",
+            error=None,
+            windows=int(sum(job.weights)),
+            seconds=round(time.perf_counter() - t0, 3),
+        )
+
+    def on_done(k: int, result: Any) -> None:
+        n = owner[k]
+        job = live[n]
+        left[n] -= 1
+        if isinstance(result, BaseException):
+            if job.error is None:
+                job.error = _one_line(result)
+                cstore.record(job.member.key, status="failed", error=job.error)
+        elif left[n] == 0 and job.error is None:
+            finished(n)
+
+    for n, job in enumerate(live):
+        if not job.tasks:
+            finished(n)
+    if not tasks:
+        return
+    megapixels = sum(j.plan.megapixels for j in live)
+    gatherer.gather(
+        tasks, weights, desc="windows", megapixels=megapixels, keep_errors=True, on_done=on_done
+    )
+
+
+def _signature() -> inspect.Signature:
+    from .extraction import extract
+
+    params = [
+        inspect.Parameter("sources", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        *list(inspect.signature(extract).parameters.values())[1:],
+    ]
+    defaults = CollectionSettings.defaults()
+    for api, name in CollectionSettings.api_names().items():
+        params.append(
+            inspect.Parameter(api, inspect.Parameter.KEYWORD_ONLY, default=defaults[name])
+        )
+    return inspect.Signature(params, return_annotation="xarray.DataTree")
+
+
+extract_collection.__signature__ = _signature()  # type: ignore[attr-defined]
