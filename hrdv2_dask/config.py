@@ -87,6 +87,11 @@ class FeatureSettings(Settings):
         python_value=lambda v: not isinstance(v, str),
     )
     weights: str | None = option(None, "checkpoint path, or 'random' (testing only)")
+    random_seed: int = option(
+        0,
+        "seed of the random weights (with weights 'random'): the same seed, the same model",
+        minimum=0,
+    )
     model_options: dict | None = option(
         None,
         "passed to timm.create_model, repeatable (e.g. depth=2 for a small test model)",

@@ -125,6 +125,7 @@ def extract(
         device,
         dict(features.model_options or {}),
         threads,
+        seed=features.random_seed,
     )
     if facts.random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"

@@ -29,6 +29,7 @@ __all__ = [
     "BackboneRecipe",
     "backbone_on_workers",
     "dask_setup",
+    "seeded",
     "worker_backbone",
 ]
 
@@ -38,15 +39,37 @@ _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed`` inside, leave it as it was after.
+
+    Models are built on the CPU (and then moved), so random weights built under the same seed
+    are the same on every process and every run; ``None`` changes nothing.
+    """
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass(frozen=True)
 class BackboneRecipe:
-    """How a worker builds its backbone: by name (cached per process) or from a factory."""
+    """How a worker builds its backbone: by name (cached per process) or from a factory.
+
+    A named model with ``weights="random"`` is rebuilt on each worker from (name, overrides,
+    ``seed``): a few bytes in the graph, the same model everywhere.
+    """
 
     name: str | None = None
     weights: str | None = None
     stride: int | None = None
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
+    seed: int | None = None  # the seed of random weights (weights="random")
     factory: Callable[[], Any] | None = field(default=None, compare=False)
     factory_token: str = ""  # identifies the factory across processes (set by the client)
     # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
@@ -59,6 +82,7 @@ class BackboneRecipe:
             self.stride,
             self.device,
             self.overrides,
+            self.seed,
             self.factory_token,
         )
 
@@ -73,7 +97,7 @@ class BackboneRecipe:
         if self.factory is not None:
             bb = self.factory()
         else:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), seeded(self.seed):
                 # The client already warned loudly; workers would repeat it per process.
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 bb = load_backbone(
