@@ -142,6 +142,12 @@ class FeatureSettings(Settings):
     axes: str | None = option(None, "axes of the source, e.g. CYX (default: from the file)")
     level: int = option(0, "pyramid level of the source (0 = full resolution)", minimum=0)
     overwrite: bool = option(False, "replace a store made with other settings")
+    stale_lock_hours: float = option(
+        24.0,
+        "take over a store's writer lock held from another host after this many hours (a lock "
+        "of this host is taken over as soon as its process is gone)",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ __all__ = [
     "WeightsFormatError",
     "StoreError",
     "IncompleteStoreError",
+    "StoreBusyError",
     "SourceNotFoundError",
     "ClusterError",
     "MissingExtraError",
@@ -47,6 +48,10 @@ class StoreError(Hrdv2Error, ValueError):
 
 class IncompleteStoreError(StoreError):
     """A feature store exists but its run did not complete."""
+
+
+class StoreBusyError(StoreError):
+    """Another live run holds a feature store's writer lock."""
 
 
 class SourceNotFoundError(Hrdv2Error, FileNotFoundError):

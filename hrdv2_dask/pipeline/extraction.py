@@ -20,6 +20,7 @@ from ..backbones import RandomWeightsWarning
 from ..config import ClusterSettings, FeatureSettings, SlurmSettings, unknown_key
 from ..device import check_device, cpu_count, resolve_device
 from ..heads import LinearHead
+from ..io.lock import WriterLock
 from ..io.readers import open_image
 from ..io.store import RunStore, open_features
 from ..transforms import Transform, TransformSet
@@ -132,23 +133,26 @@ def extract(
         log.warning(msg)
         warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
     plan = _plan(features, facts, transforms, data, meta, store)
-    # Only checks here: the store is written once the cluster is up and the estimates are made.
-    run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
-    if run_store.complete:
-        log.info("%s is already complete with these settings; nothing to do", store)
-        return open_features(store)
-    t0 = time.perf_counter()
-    with cluster_client(
-        client,
-        scheduler=cluster.scheduler,
-        cluster=cluster.kind,
-        workers=cluster.workers,
-        device=device,
-        slurm=cluster.slurm,
-    ) as c:
-        n_windows = _execute(c, plan, run_store, data, recipe, device, progress)
-    log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
-    run_store.finish()
+    # Held until the end, whatever happens: no second writer, and --overwrite never deletes a
+    # store that another live run writes.
+    with WriterLock(store, stale_after_s=features.stale_lock_hours * 3600):
+        # Only checks here: the store is written once the cluster is up and the estimates made.
+        run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
+        if run_store.complete:
+            log.info("%s is already complete with these settings; nothing to do", store)
+            return open_features(store)
+        t0 = time.perf_counter()
+        with cluster_client(
+            client,
+            scheduler=cluster.scheduler,
+            cluster=cluster.kind,
+            workers=cluster.workers,
+            device=device,
+            slurm=cluster.slurm,
+        ) as c:
+            n_windows = _execute(c, plan, run_store, data, recipe, device, progress)
+        log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
+        run_store.finish()
     return open_features(store)
 
 
