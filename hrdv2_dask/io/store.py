@@ -109,8 +109,13 @@ class RunStore:
                 f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, "
                 "or write to a new path."
             )
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        if not group.attrs[ATTR].get("complete") and not _created(group):
+            log.warning("%s was interrupted while being created; creating it again", self.path)
+            self.overwrite = True  # nothing in it to keep
+            return
         self.resumed = True
-        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.group = group
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -160,7 +165,6 @@ class RunStore:
             fill_value=np.nan,
         )
         run = self.group.create_group(RUN)
-        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
         for name, hshape in halo_shapes.items():
             run.create_array(
                 f"halo_{name}",
@@ -172,6 +176,8 @@ class RunStore:
             )
         for name, values in (saved or {}).items():
             run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
+        # last: a store without it was interrupted while being created, and is created again
+        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
 
     def _existing_settings(self) -> dict[str, Any] | None:
         if not (self.path / "zarr.json").exists():
@@ -203,6 +209,11 @@ class RunStore:
         meta = dict(self.group.attrs[ATTR])
         meta["complete"] = True
         self.group.attrs[ATTR] = meta
+
+
+def _created(group: zarr.Group) -> bool:
+    """Whether :meth:`RunStore.create` finished (its last array exists)."""
+    return RUN in group and "done" in group[RUN]
 
 
 def _clear(path: Path) -> None:

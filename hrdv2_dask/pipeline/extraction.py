@@ -26,6 +26,7 @@ from ..io.store import RunStore, open_features
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
 from .execute import Run
+from .faults import run_faults
 from .graph import SourceReader
 from .inputs import backbone_recipe, describe_intensities, estimate_value_range, resolve_mask
 from .plan import RunPlan, plan_grid, plan_run, transform_set, with_projection
@@ -142,17 +143,21 @@ def extract(
             log.info("%s is already complete with these settings; nothing to do", store)
             return open_features(store)
         t0 = time.perf_counter()
-        with cluster_client(
-            client,
-            scheduler=cluster.scheduler,
-            cluster=cluster.kind,
-            workers=cluster.workers,
-            device=device,
-            slurm=cluster.slurm,
-        ) as c:
-            n_windows = _execute(c, plan, run_store, data, recipe, device, progress)
-        log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
-        run_store.finish()
+        source = SourceReader(data, name=repr(str(meta.path)) if meta.path else "the image")
+        with (
+            run_faults(store),  # every fault from here on: one line, the store resumable
+            cluster_client(
+                client,
+                scheduler=cluster.scheduler,
+                cluster=cluster.kind,
+                workers=cluster.workers,
+                device=device,
+                slurm=cluster.slurm,
+            ) as c,
+        ):
+            n_windows = _execute(c, plan, run_store, source, recipe, device, progress)
+            log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
+            run_store.finish()
     return open_features(store)
 
 
@@ -179,10 +184,10 @@ def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
     )
 
 
-def _execute(client, plan: RunPlan, run_store: RunStore, data, recipe, device, progress) -> int:
+def _execute(client, plan: RunPlan, run_store: RunStore, source, recipe, device, progress) -> int:
     """Estimates, store creation and the block graph on a connected cluster; windows computed."""
     resources = task_resources(client, device)
-    run = Run(client, plan.blocks, SourceReader(data), recipe, resources, progress)
+    run = Run(client, plan.blocks, source, recipe, resources, progress)
     provenance = dict(plan.provenance)
     with backbone_on_workers(client, recipe, resources=resources):
         token_bias = run.position_bias(plan.settings["debias"], saved=run_store.saved("token_bias"))

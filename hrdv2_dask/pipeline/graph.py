@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..ensemble import highres_features, position_bias
+from ..errors import SourceReadError
 from ..io.store import BlockWriter
 from ..preprocess import normalize_batch
 from ..tiling import reflect_index
@@ -43,16 +44,32 @@ log = logging.getLogger(__name__)
 
 
 class SourceReader:
-    """Holds the source array so that Dask ships it as an object instead of computing it."""
+    """Holds the source array so that Dask ships it as an object instead of computing it.
 
-    def __init__(self, array: Any) -> None:
+    A region that cannot be read raises :class:`~hrdv2_dask.errors.SourceReadError` naming the
+    source (``name``) and the rows and columns.
+    """
+
+    def __init__(self, array: Any, *, name: str = "the image") -> None:
         self.array = array
+        self.name = name
 
     def __getitem__(self, key):
-        region = self.array[key]
-        if hasattr(region, "compute"):
-            region = region.compute(scheduler="sync")
-        return np.asarray(region)
+        try:
+            region = self.array[key]
+            if hasattr(region, "compute"):
+                region = region.compute(scheduler="sync")
+            return np.asarray(region)
+        except MemoryError:
+            raise
+        except Exception as err:
+            rows, cols = (f"{k.start}:{k.stop}" if isinstance(k, slice) else k for k in key[:2])
+            detail = " ".join(str(err).split()) or "(no message)"
+            raise SourceReadError(
+                f"Cannot read rows {rows}, cols {cols} of {self.name}: {type(err).__name__}: "
+                f"{detail}. The file is damaged there (or changed during the run): repair or "
+                "replace it, or mask that region out, then rerun the same command to resume."
+            ) from err
 
 
 def _read_windows(source, plan: BlockPlan, windows: list[tuple[int, int]]) -> np.ndarray:
