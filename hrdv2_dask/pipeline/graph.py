@@ -26,7 +26,7 @@ from ..io.store import BlockWriter
 from ..preprocess import normalize_batch
 from ..tiling import reflect_index
 from .plan import BlockPlan
-from .workers import worker_backbone
+from .workers import progress_topic, report_progress, worker_backbone
 
 __all__ = [
     "BlockPlan",  # defined in plan
@@ -197,11 +197,13 @@ def run_block(
     source: Any,
     backbone: Any,
     token_bias: list[np.ndarray] | None = None,
+    topic: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream.
 
     Windows are blended on the backbone's device; only the finished block (in the stored dtype)
-    and the thin strips cross back to the host.
+    and the thin strips cross back to the host. Each group of windows computed is reported on
+    the worker-event ``topic`` (live progress).
     """
     g = plan.grid
     bb = worker_backbone(backbone)
@@ -241,6 +243,7 @@ def run_block(
             acc[: plan.channels, r : r + cc + bc, c : c + cc + bc].addcmul_(f, wgt)
             acc[plan.channels, r : r + cc + bc, c : c + cc + bc].add_(wgt)
         del feats
+        report_progress(topic, len(group))
     for strip, region in ((top, "bottom"), (left, "right"), (corner, "corner")):
         if strip is not None:
             part = torch.from_numpy(strip[region]).to(device)
@@ -331,6 +334,7 @@ def build_tasks(
                 source=source,
                 backbone=backbone,
                 token_bias=token_bias,
+                topic=progress_topic(run_id),
                 dask_key_name=key,
             )
     return tasks

@@ -29,6 +29,8 @@ __all__ = [
     "BackboneRecipe",
     "backbone_on_workers",
     "dask_setup",
+    "progress_topic",
+    "report_progress",
     "seeded",
     "worker_backbone",
 ]
@@ -129,6 +131,24 @@ def worker_backbone(recipe: BackboneRecipe | Any) -> Any:
         # Per calling thread with OpenMP: the model may have been built in another thread.
         torch.set_num_threads(threads)
     return _MODELS[key]
+
+
+def progress_topic(run_id: str) -> str:
+    """The worker-event topic on which the block tasks of run ``run_id`` report windows."""
+    return f"hrdv2-progress-{run_id}"
+
+
+def report_progress(topic: str | None, windows: int) -> None:
+    """Tell the client that ``windows`` more windows are computed (a no-op off a worker)."""
+    if topic is None:
+        return
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return  # run_block called directly, without a cluster
+    worker.log_event(topic, windows)
 
 
 def _has_resources(worker, resources: Mapping[str, float] | None) -> bool:
