@@ -63,8 +63,15 @@ def _space(store: Path) -> str:
     return f"{_gb(free)} free on {mount}{needs}"
 
 
-def describe_fault(err: BaseException, *, store: str | os.PathLike) -> Hrdv2Error:
-    """The one-line error for ``err`` raised while a run wrote ``store``.
+def describe_fault(
+    err: BaseException,
+    *,
+    store: str | os.PathLike,
+    what: str = "feature store",
+    then: str = _RESUME,
+) -> Hrdv2Error:
+    """The one-line error for ``err`` raised while a run wrote ``store`` (a ``what``); the
+    message ends with ``then`` (what to do once the cause is fixed).
 
     >>> err = OSError(errno.EROFS, "Read-only file system", "/s.zarr/c")
     >>> str(describe_fault(err, store="/s.zarr")).split(":")[0]
@@ -73,45 +80,44 @@ def describe_fault(err: BaseException, *, store: str | os.PathLike) -> Hrdv2Erro
     if isinstance(err, Hrdv2Error):
         return err
     store = Path(store)
-    where = f"Cannot write feature store {str(store)!r}"
+    where = f"Cannot write {what} {str(store)!r}"
     if isinstance(err, OSError) and err.errno is not None:
         name = f" ({err.filename})" if err.filename else ""
         if err.errno == errno.ENOSPC:
             space = ""
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 space = f" ({_space(store)})"
             return StoreWriteError(
                 f"{where}: no space left on its device{name}{space}. Free space (or write to "
-                f"another disk), then {_RESUME}."
+                f"another disk), then {then}."
             )
         if err.errno == errno.EROFS:
             return StoreWriteError(
                 f"{where}: the file system is read-only{name}. Write to a writable location, or "
-                f"make it writable and {_RESUME}."
+                f"make it writable and {then}."
             )
         if err.errno in (errno.EACCES, errno.EPERM):
             return StoreWriteError(
                 f"{where}: permission denied{name}. Give this user (and the Dask workers) write "
-                f"access, then {_RESUME}; or write to another path."
+                f"access, then {then}; or write to another path."
             )
         if err.errno == errno.EDQUOT:
-            return StoreWriteError(
-                f"{where}: disk quota exceeded{name}. Free space, then {_RESUME}."
-            )
+            return StoreWriteError(f"{where}: disk quota exceeded{name}. Free space, then {then}.")
     detail = " ".join(str(err).split()) or "(no message)"
     return RunError(
-        f"The run writing {str(store)!r} failed: {type(err).__name__}: {detail}. Fix the cause "
-        f"(-v shows the traceback), then {_RESUME}."
+        f"The run writing {what} {str(store)!r} failed: {type(err).__name__}: {detail}. Fix the "
+        f"cause (-v shows the traceback), then {then}."
     )
 
 
 @contextlib.contextmanager
-def run_faults(store: str | os.PathLike) -> Iterator[None]:
-    """Re-raise every failure inside as the one-line error of :func:`describe_fault`."""
+def run_faults(store: str | os.PathLike, **describe) -> Iterator[None]:
+    """Re-raise every failure inside as the one-line error of :func:`describe_fault` (with the
+    keywords ``describe``)."""
     try:
         yield
     except (KeyboardInterrupt, SystemExit, Hrdv2Error):
         raise
     except Exception as err:
         log.debug("the run writing %s failed", store, exc_info=err)
-        raise describe_fault(err, store=store) from err
+        raise describe_fault(err, store=store, **describe) from err
