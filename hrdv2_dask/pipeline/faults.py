@@ -25,7 +25,11 @@ _RESUME = "rerun the same command to resume (the store is incomplete; finished b
 
 
 def _gb(n_bytes: float) -> str:
-    return f"{n_bytes / 1e9:.2f} GB"
+    """
+    >>> _gb(3.2e9), _gb(4.5e6), _gb(12)
+    ('3.20 GB', '4.5 MB', '0.0 MB')
+    """
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
 
 
 def _mount_point(path: Path) -> Path:
