@@ -90,6 +90,11 @@ class FeatureSettings(Settings):
         python_value=lambda v: not isinstance(v, str),
     )
     weights: str | None = option(None, "checkpoint path, or 'random' (testing only)")
+    random_seed: int = option(
+        0,
+        "seed of the random weights (with weights 'random'): the same seed, the same model",
+        minimum=0,
+    )
     model_options: dict | None = option(
         None,
         "passed to timm.create_model, repeatable (e.g. depth=2 for a small test model)",
@@ -146,6 +151,12 @@ class FeatureSettings(Settings):
         metavar="K",
     )
     overwrite: bool = option(False, "replace a store made with other settings")
+    stale_lock_hours: float = option(
+        24.0,
+        "take over a store's writer lock held from another host after this many hours (a lock "
+        "of this host is taken over as soon as its process is gone)",
+        minimum=0,
+    )
 
 
 @dataclass(frozen=True)

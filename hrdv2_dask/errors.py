@@ -15,6 +15,10 @@ __all__ = [
     "WeightsFormatError",
     "StoreError",
     "IncompleteStoreError",
+    "StoreBusyError",
+    "StoreWriteError",
+    "SourceReadError",
+    "RunError",
     "SourceNotFoundError",
     "ClusterError",
     "MissingExtraError",
@@ -47,6 +51,22 @@ class StoreError(Hrdv2Error, ValueError):
 
 class IncompleteStoreError(StoreError):
     """A feature store exists but its run did not complete."""
+
+
+class StoreBusyError(StoreError):
+    """Another live run holds a feature store's writer lock."""
+
+
+class StoreWriteError(StoreError, OSError):
+    """A feature store cannot be written during a run: no space, read-only, permission denied."""
+
+
+class SourceReadError(InputError):
+    """A region of an input image cannot be read (a corrupt tile or chunk, a vanished file)."""
+
+
+class RunError(Hrdv2Error, RuntimeError):
+    """A task of a run failed for a reason of its own (relayed from the Dask worker)."""
 
 
 class SourceNotFoundError(Hrdv2Error, FileNotFoundError):

@@ -80,3 +80,31 @@ def test_run_workflow_file(tmp_path):
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["random_weights"] is True and len(summary["analyses"]) == 2
     assert _png(tmp_path / "out" / "clusters.png").shape == (40, 40, 3)
+
+
+def test_faults_while_writing_or_reading_are_one_line(store, tmp_path, capsys, monkeypatch):
+    """A full disk under the results, and a damaged feature chunk: one line each, exit 2."""
+    import errno
+    import os
+    import shutil
+
+    from zarr.storage import LocalStore
+
+    original = LocalStore.set
+
+    async def full(self, key, value):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), f"{self.root}/{key}")
+
+    monkeypatch.setattr(LocalStore, "set", full)
+    assert main(["pca", str(store), str(tmp_path / "pca")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"hrdv2: error: Cannot write the results of {str(tmp_path / 'pca')!r}")
+    assert "no space left on its device" in err
+    monkeypatch.setattr(LocalStore, "set", original)
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(store, damaged)
+    chunk = next(p for p in (damaged / "features" / "c").rglob("*") if p.is_file())
+    chunk.write_bytes(b"\xff" * 64)
+    assert main(["pca", str(damaged), str(tmp_path / "pca2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("hrdv2: error: The run writing the results of ") and "damaged" in err

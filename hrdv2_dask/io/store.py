@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..errors import IncompleteStoreError, StoreError
+from .lock import LOCK_NAME
 
 __all__ = [
     "FEATURES",
@@ -57,7 +59,8 @@ def _check_target(path: Path) -> None:
             f"Output {str(path)!r} is an existing file, not a Zarr store. Choose another path "
             "(e.g. features.zarr)."
         )
-    if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").exists():
+    entries = [p for p in path.iterdir() if p.name != LOCK_NAME] if path.is_dir() else []
+    if entries and not (path / "zarr.json").exists():
         raise StoreError(
             f"Output {str(path)!r} is a non-empty folder that is not a Zarr store; refusing to "
             "write into it. Choose a new path."
@@ -106,8 +109,13 @@ class RunStore:
                 f"{', '.join(diff)}). Use overwrite=True (CLI: --overwrite) to replace it, "
                 "or write to a new path."
             )
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        if not group.attrs[ATTR].get("complete") and not _created(group):
+            log.warning("%s was interrupted while being created; creating it again", self.path)
+            self.overwrite = True  # nothing in it to keep
+            return
         self.resumed = True
-        self.group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        self.group = group
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -139,8 +147,9 @@ class RunStore:
         if self.resumed:
             return
         if self.overwrite and (self.path / "zarr.json").exists():
-            shutil.rmtree(self.path)
-        self.group = zarr.open_group(self.path, mode="w", zarr_format=3)
+            _clear(self.path)
+        # "a", not "w": the folder is empty but for the writer lock, which must stay
+        self.group = zarr.open_group(self.path, mode="a", zarr_format=3)
         self.group.attrs[ATTR] = {
             "settings": self.settings,
             "provenance": _jsonable(provenance),
@@ -156,7 +165,6 @@ class RunStore:
             fill_value=np.nan,
         )
         run = self.group.create_group(RUN)
-        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
         for name, hshape in halo_shapes.items():
             run.create_array(
                 f"halo_{name}",
@@ -168,6 +176,8 @@ class RunStore:
             )
         for name, values in (saved or {}).items():
             run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
+        # last: a store without it was interrupted while being created, and is created again
+        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
 
     def _existing_settings(self) -> dict[str, Any] | None:
         if not (self.path / "zarr.json").exists():
@@ -199,6 +209,22 @@ class RunStore:
         meta = dict(self.group.attrs[ATTR])
         meta["complete"] = True
         self.group.attrs[ATTR] = meta
+
+
+def _created(group: zarr.Group) -> bool:
+    """Whether :meth:`RunStore.create` finished (its last array exists)."""
+    return RUN in group and "done" in group[RUN]
+
+
+def _clear(path: Path) -> None:
+    """Delete a store's contents but its writer lock (held by the run that replaces it)."""
+    for entry in path.iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 class BlockWriter:
@@ -296,7 +322,10 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
             f"Feature store {str(path)!r} is incomplete: its run did not finish. Rerun the same "
             "command to resume it, or use --overwrite to start again."
         )
-    ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
+    with warnings.catch_warnings():
+        # a run holding the writer lock (e.g. one about to --overwrite): not a Zarr node
+        warnings.filterwarnings("ignore", f"Object at {LOCK_NAME} is not recognized")
+        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
     arr = ds[FEATURES]
     settings, prov = meta["settings"], meta.get("provenance", {})
     stride = int(settings["out_stride"])

@@ -8,7 +8,6 @@ store is bit-identical whatever the number of workers.
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +26,8 @@ from .graph import (
     pick_windows,
     shipped,
 )
+from .progress import Progress
+from .workers import progress_topic
 
 __all__ = ["Run"]
 
@@ -148,14 +149,20 @@ class Run:
         (the other tasks go on); ``on_done(k, result)`` is called as each task ends.
         """
         from distributed import KilledWorker, as_completed
-        from tqdm.auto import tqdm
 
         futures = self.client.compute(tasks, optimize_graph=False, resources=self.resources)
         index = {f.key: k for k, f in enumerate(futures)}
         results: list = [None] * len(futures)
-        total = sum(weights)
-        t0 = time.perf_counter()
-        bar = tqdm(total=total, unit="win", disable=not self.progress, desc=desc)
+        # block tasks report their windows as they go; the others count when they finish
+        topic = progress_topic(self.run_id) if desc == "windows" else None
+        bar = Progress(
+            self.client,
+            topic,
+            total=sum(weights),
+            desc=desc,
+            megapixels=megapixels,
+            enabled=self.progress,
+        )
         try:
             for fut in as_completed(futures):
                 k = index[fut.key]
@@ -163,10 +170,7 @@ class Run:
                 results[k] = fut.exception() if failed else fut.result()
                 if on_done is not None:
                     on_done(k, results[k])
-                bar.update(weights[k])
-                if megapixels is not None:
-                    rate = megapixels * bar.n / max(total, 1) / max(time.perf_counter() - t0, 1e-9)
-                    bar.set_postfix_str(f"{rate:.2f} MP/s")
+                bar.task_done(weights[k])
         except KilledWorker as err:
             # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
             raise ClusterError(

@@ -20,11 +20,13 @@ from ..backbones import RandomWeightsWarning
 from ..config import ClusterSettings, FeatureSettings, SlurmSettings, unknown_key
 from ..device import check_device, cpu_count, resolve_device
 from ..heads import LinearHead
+from ..io.lock import WriterLock
 from ..io.readers import open_image
 from ..io.store import RunStore, open_features
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
 from .execute import Run
+from .faults import run_faults
 from .graph import SourceReader
 from .inputs import backbone_recipe, describe_intensities, estimate_value_range, resolve_mask
 from .plan import RunPlan, plan_grid, plan_run, transform_set, with_projection
@@ -125,29 +127,37 @@ def extract(
         device,
         dict(features.model_options or {}),
         threads,
+        seed=features.random_seed,
     )
     if facts.random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
         warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
     plan = _plan(features, facts, transforms, data, meta, store)
-    # Only checks here: the store is written once the cluster is up and the estimates are made.
-    run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
-    if run_store.complete:
-        log.info("%s is already complete with these settings; nothing to do", store)
-        return open_features(store)
-    t0 = time.perf_counter()
-    with cluster_client(
-        client,
-        scheduler=cluster.scheduler,
-        cluster=cluster.kind,
-        workers=cluster.workers,
-        device=device,
-        slurm=cluster.slurm,
-    ) as c:
-        n_windows = _execute(c, plan, run_store, data, recipe, device, progress)
-    log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
-    run_store.finish()
+    # Held until the end, whatever happens: no second writer, and --overwrite never deletes a
+    # store that another live run writes.
+    with WriterLock(store, stale_after_s=features.stale_lock_hours * 3600):
+        # Only checks here: the store is written once the cluster is up and the estimates made.
+        run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
+        if run_store.complete:
+            log.info("%s is already complete with these settings; nothing to do", store)
+            return open_features(store)
+        t0 = time.perf_counter()
+        source = SourceReader(data, name=repr(str(meta.path)) if meta.path else "the image")
+        with (
+            run_faults(store),  # every fault from here on: one line, the store resumable
+            cluster_client(
+                client,
+                scheduler=cluster.scheduler,
+                cluster=cluster.kind,
+                workers=cluster.workers,
+                device=device,
+                slurm=cluster.slurm,
+            ) as c,
+        ):
+            n_windows = _execute(c, plan, run_store, source, recipe, device, progress)
+            log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
+            run_store.finish()
     return open_features(store)
 
 
@@ -174,10 +184,10 @@ def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
     )
 
 
-def _execute(client, plan: RunPlan, run_store: RunStore, data, recipe, device, progress) -> int:
+def _execute(client, plan: RunPlan, run_store: RunStore, source, recipe, device, progress) -> int:
     """Estimates, store creation and the block graph on a connected cluster; windows computed."""
     resources = task_resources(client, device)
-    run = Run(client, plan.blocks, SourceReader(data), recipe, resources, progress)
+    run = Run(client, plan.blocks, source, recipe, resources, progress)
     with backbone_on_workers(client, recipe, resources=resources):
         plan, done, token_bias = prepare_blocks(run, plan, run_store)
         return run.blocks(plan.blocks, done, token_bias, megapixels=plan.megapixels)

@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from ..ensemble import highres_features, position_bias
+from ..errors import SourceReadError
 from ..io.store import BlockWriter
 from ..preprocess import normalize_batch
 from ..tiling import reflect_index
 from .plan import BlockPlan
-from .workers import worker_backbone
+from .workers import progress_topic, report_progress, worker_backbone
 
 __all__ = [
     "BlockPlan",  # defined in plan
@@ -43,16 +44,32 @@ log = logging.getLogger(__name__)
 
 
 class SourceReader:
-    """Holds the source array so that Dask ships it as an object instead of computing it."""
+    """Holds the source array so that Dask ships it as an object instead of computing it.
 
-    def __init__(self, array: Any) -> None:
+    A region that cannot be read raises :class:`~hrdv2_dask.errors.SourceReadError` naming the
+    source (``name``) and the rows and columns.
+    """
+
+    def __init__(self, array: Any, *, name: str = "the image") -> None:
         self.array = array
+        self.name = name
 
     def __getitem__(self, key):
-        region = self.array[key]
-        if hasattr(region, "compute"):
-            region = region.compute(scheduler="sync")
-        return np.asarray(region)
+        try:
+            region = self.array[key]
+            if hasattr(region, "compute"):
+                region = region.compute(scheduler="sync")
+            return np.asarray(region)
+        except MemoryError:
+            raise
+        except Exception as err:
+            rows, cols = (f"{k.start}:{k.stop}" if isinstance(k, slice) else k for k in key[:2])
+            detail = " ".join(str(err).split()) or "(no message)"
+            raise SourceReadError(
+                f"Cannot read rows {rows}, cols {cols} of {self.name}: {type(err).__name__}: "
+                f"{detail}. The file is damaged there (or changed during the run): repair or "
+                "replace it, or mask that region out, then rerun the same command to resume."
+            ) from err
 
 
 def _read_windows(source, plan: BlockPlan, windows: list[tuple[int, int]]) -> np.ndarray:
@@ -180,11 +197,13 @@ def run_block(
     source: Any,
     backbone: Any,
     token_bias: list[np.ndarray] | None = None,
+    topic: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream.
 
     Windows are blended on the backbone's device; only the finished block (in the stored dtype)
-    and the thin strips cross back to the host.
+    and the thin strips cross back to the host. Each group of windows computed is reported on
+    the worker-event ``topic`` (live progress).
     """
     g = plan.grid
     bb = worker_backbone(backbone)
@@ -224,6 +243,7 @@ def run_block(
             acc[: plan.channels, r : r + cc + bc, c : c + cc + bc].addcmul_(f, wgt)
             acc[plan.channels, r : r + cc + bc, c : c + cc + bc].add_(wgt)
         del feats
+        report_progress(topic, len(group))
     for strip, region in ((top, "bottom"), (left, "right"), (corner, "corner")):
         if strip is not None:
             part = torch.from_numpy(strip[region]).to(device)
@@ -314,6 +334,7 @@ def build_tasks(
                 source=source,
                 backbone=backbone,
                 token_bias=token_bias,
+                topic=progress_topic(run_id),
                 dask_key_name=key,
             )
     return tasks

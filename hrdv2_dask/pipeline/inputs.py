@@ -22,7 +22,7 @@ from ..masking import foreground_mask
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..tiling import TileGrid, windows_touching
 from .plan import BackboneFacts
-from .workers import BackboneRecipe
+from .workers import BackboneRecipe, seeded
 
 __all__ = ["backbone_recipe", "describe_intensities", "estimate_value_range", "resolve_mask"]
 
@@ -106,22 +106,12 @@ def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> np.ndarray | None:
     return compute
 
 
-class _Fixed:
-    """A zero-argument factory that returns one given backbone."""
-
-    def __init__(self, backbone) -> None:
-        self.backbone = backbone
-
-    def __call__(self):
-        return self.backbone
-
-
 def _resolved_path(backbone) -> str:
     """The local checkpoint file the client loaded, so workers load exactly that file."""
     return str(getattr(backbone, "weights_path", None) or backbone.weights_origin)
 
 
-def _facts(local: Any, name: str) -> BackboneFacts:
+def _facts(local: Any, name: str, seed: int | None = None) -> BackboneFacts:
     return BackboneFacts(
         name=name,
         patch_size=int(local.patch_size),
@@ -129,6 +119,7 @@ def _facts(local: Any, name: str) -> BackboneFacts:
         channels=int(local.embed_dim),
         random_weights=getattr(local, "weights_origin", "") == "random",
         weights_origin=getattr(local, "weights_origin", None),
+        random_seed=seed,
     )
 
 
@@ -139,38 +130,36 @@ def backbone_recipe(
     device: str,
     model_options: dict,
     threads: int | None,
+    *,
+    seed: int = 0,
 ) -> tuple[Any, BackboneFacts]:
     """``(what the workers get, what planning needs)`` for a backbone option.
 
     A model name is loaded once here (to check it and read its facts) and shipped as a
-    :class:`~hrdv2_dask.pipeline.workers.BackboneRecipe` naming the resolved checkpoint file; a
-    zero-argument callable is shipped as the recipe's factory; a backbone object as it is.
+    :class:`~hrdv2_dask.pipeline.workers.BackboneRecipe` naming the resolved checkpoint file, or,
+    with ``weights="random"``, the ``seed`` that every worker builds the same random model from;
+    a zero-argument callable is shipped as the recipe's factory; a backbone object as it is.
     """
     with warnings.catch_warnings():
         # load_backbone warns about random weights; extract's warning names the store instead.
         warnings.simplefilter("ignore", RandomWeightsWarning)
         if isinstance(backbone, str):
             spec = model_spec(backbone)
-            local = load_backbone(backbone, weights, stride, "cpu", **model_options)
-            if local.weights_origin == "random":
-                # Every worker must run the same random model: ship the client's, once per worker.
-                recipe = BackboneRecipe(
-                    factory=_Fixed(local),
-                    factory_token=uuid.uuid4().hex,
-                    device=device,
-                    threads=threads,
-                )
-                return recipe, _facts(local, spec.timm_name)
+            random = weights is not None and str(weights) == "random"
+            with seeded(seed if random else None):
+                local = load_backbone(backbone, weights, stride, "cpu", **model_options)
             recipe = BackboneRecipe(
                 name=backbone,
-                # Workers load exactly the file the client resolved (no download race, no random).
-                weights=_resolved_path(local),
+                # Workers load exactly the file the client resolved (no download race), or
+                # rebuild the client's random model from its seed.
+                weights="random" if random else _resolved_path(local),
                 stride=stride,
                 device=device,
                 overrides=tuple(sorted(model_options.items())),
+                seed=seed if random else None,
                 threads=threads,
             )
-            return recipe, _facts(local, spec.timm_name)
+            return recipe, _facts(local, spec.timm_name, seed if random else None)
         if callable(backbone) and not hasattr(backbone, "patch_size"):
             local = backbone()
             recipe = BackboneRecipe(

@@ -90,6 +90,7 @@ class BackboneFacts:
     channels: int
     random_weights: bool = False
     weights_origin: str | None = None
+    random_seed: int | None = None  # the seed random weights were built from (None: not seeded)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def plan_run(
         "mask": mask_description(features.mask),
         "debias": features.debias,
     }
+    if backbone.random_seed is not None:  # only seeded random weights: other stores unchanged
+        settings["random_seed"] = backbone.random_seed
     provenance: dict[str, Any] = {
         "package": "hrdv2-dask",
         "version": __version__,

@@ -29,6 +29,9 @@ __all__ = [
     "BackboneRecipe",
     "backbone_on_workers",
     "dask_setup",
+    "progress_topic",
+    "report_progress",
+    "seeded",
     "worker_backbone",
 ]
 
@@ -38,15 +41,37 @@ _MODELS: dict[tuple, Any] = {}
 _MODELS_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed`` inside, leave it as it was after.
+
+    Models are built on the CPU (and then moved), so random weights built under the same seed
+    are the same on every process and every run; ``None`` changes nothing.
+    """
+    if seed is None:
+        yield
+        return
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 @dataclass(frozen=True)
 class BackboneRecipe:
-    """How a worker builds its backbone: by name (cached per process) or from a factory."""
+    """How a worker builds its backbone: by name (cached per process) or from a factory.
+
+    A named model with ``weights="random"`` is rebuilt on each worker from (name, overrides,
+    ``seed``): a few bytes in the graph, the same model everywhere.
+    """
 
     name: str | None = None
     weights: str | None = None
     stride: int | None = None
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
+    seed: int | None = None  # the seed of random weights (weights="random")
     factory: Callable[[], Any] | None = field(default=None, compare=False)
     factory_token: str = ""  # identifies the factory across processes (set by the client)
     # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
@@ -59,6 +84,7 @@ class BackboneRecipe:
             self.stride,
             self.device,
             self.overrides,
+            self.seed,
             self.factory_token,
         )
 
@@ -73,7 +99,7 @@ class BackboneRecipe:
         if self.factory is not None:
             bb = self.factory()
         else:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), seeded(self.seed):
                 # The client already warned loudly; workers would repeat it per process.
                 warnings.simplefilter("ignore", RandomWeightsWarning)
                 bb = load_backbone(
@@ -105,6 +131,24 @@ def worker_backbone(recipe: BackboneRecipe | Any) -> Any:
         # Per calling thread with OpenMP: the model may have been built in another thread.
         torch.set_num_threads(threads)
     return _MODELS[key]
+
+
+def progress_topic(run_id: str) -> str:
+    """The worker-event topic on which the block tasks of run ``run_id`` report windows."""
+    return f"hrdv2-progress-{run_id}"
+
+
+def report_progress(topic: str | None, windows: int) -> None:
+    """Tell the client that ``windows`` more windows are computed (a no-op off a worker)."""
+    if topic is None:
+        return
+    from distributed import get_worker
+
+    try:
+        worker = get_worker()
+    except ValueError:
+        return  # run_block called directly, without a cluster
+    worker.log_event(topic, windows)
 
 
 def _has_resources(worker, resources: Mapping[str, float] | None) -> bool:

@@ -162,6 +162,10 @@ def test_external_cluster_equals_embedded_and_gpu_tasks_stay_on_gpu_workers(
         with get_task_stream(client=observer) as stream:
             code = main(_features_args(image_npy, external, tiny_weights, "--scheduler", address))
         names = _names(observer)
+        # live progress: the block tasks reported their windows as worker events
+        progress = [
+            ev for t, ev in observer.get_events().items() if t.startswith("hrdv2-progress-")
+        ]
 
         def cached_models() -> int:
             from hrdv2_dask.pipeline import workers
@@ -184,6 +188,7 @@ def test_external_cluster_equals_embedded_and_gpu_tasks_stay_on_gpu_workers(
     blocks = [t for t in stream.data if str(t["key"]).startswith("hrdv2-block-")]
     assert len(blocks) == 6  # 2 x 3 blocks
     assert {names[t["worker"]] for t in blocks} == {"gpu"}
+    assert len(progress) == 1 and len(progress[0]) > len(blocks)  # per window, not per block
     a = zarr.open_group(embedded, mode="r")["features"][...]
     b = zarr.open_group(external, mode="r")["features"][...]
     assert np.isfinite(a).all()
