@@ -22,6 +22,7 @@ from ..device import check_device, cpu_count, resolve_device
 from ..heads import LinearHead
 from ..io.readers import open_image
 from ..io.store import RunStore, open_features
+from ..precision import recorded_precision
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
 from .execute import Run
@@ -125,12 +126,14 @@ def extract(
         device,
         dict(features.model_options or {}),
         threads,
+        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
     )
     if facts.random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
         warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
-    plan = _plan(features, facts, transforms, data, meta, store)
+    precision = recorded_precision(features.precision, device, here=embedded)
+    plan = _plan(features, facts, transforms, data, meta, store, precision)
     # Only checks here: the store is written once the cluster is up and the estimates are made.
     run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
     if run_store.complete:
@@ -151,7 +154,7 @@ def extract(
     return open_features(store)
 
 
-def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
+def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
     """Plan the run: transforms, grid, intensities and mask (reads a sample, no cluster)."""
     if transforms is None:
         tset = transform_set(features, facts.patch_size)
@@ -171,6 +174,7 @@ def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
         store=str(store),
         compute=compute,
         intensity=describe_intensities(data.dtype, features.value_range),
+        precision=precision,
     )
 
 

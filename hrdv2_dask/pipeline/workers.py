@@ -47,6 +47,7 @@ class BackboneRecipe:
     stride: int | None = None
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
+    outputs: tuple[tuple[str, Any], ...] = ()  # layer, facet, attention (load_backbone keywords)
     factory: Callable[[], Any] | None = field(default=None, compare=False)
     factory_token: str = ""  # identifies the factory across processes (set by the client)
     # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
@@ -59,6 +60,7 @@ class BackboneRecipe:
             self.stride,
             self.device,
             self.overrides,
+            self.outputs,
             self.factory_token,
         )
 
@@ -82,6 +84,7 @@ class BackboneRecipe:
                     self.stride,
                     device,
                     download=False,
+                    **dict(self.outputs),
                     **dict(self.overrides),
                 )
         if isinstance(bb, torch.nn.Module):
