@@ -22,6 +22,11 @@ import hrdv2_dask as hd
 _ADDED: frozenset[str] = frozenset(
     {"intensity"}  # the rule behind value_range (issue: one intensity policy, recorded in attrs)
 )
+# Settings added after the digests were taken, with the value that reproduces the pinned stores:
+# precision (issue 13) is "auto" by default, which is bf16 on CPUs with native bf16 (this one has
+# avx512_bf16) and would change the values; the cases run fp32, the rule of the time, and on a
+# given client (whose workers resolve their own device) the store records it.
+_ADDED_SETTINGS: dict[str, str] = {"precision": "fp32"}
 # Attributes that name this run's paths (tmp_path differs per run).
 _PATHS = ("path",)
 
@@ -31,7 +36,10 @@ def _attrs_without_paths(attrs: dict) -> dict:
     prov["source"] = {k: v for k, v in prov["source"].items() if k not in _PATHS}
     for key in _ADDED:
         prov.pop(key, None)
-    return {"settings": attrs["settings"], "provenance": prov, "complete": attrs["complete"]}
+    settings = dict(attrs["settings"])
+    for key, value in _ADDED_SETTINGS.items():
+        assert settings.pop(key, value) == value
+    return {"settings": settings, "provenance": prov, "complete": attrs["complete"]}
 
 
 def _digest(store) -> tuple[str, str]:
@@ -120,7 +128,14 @@ def _write(name: str, tmp_path, client) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         hd.extract(
-            img, store, backbone=backbone, transforms=ts, client=client, progress=False, **case
+            img,
+            store,
+            backbone=backbone,
+            transforms=ts,
+            client=client,
+            progress=False,
+            precision="fp32",
+            **case,
         )
     return store
 
