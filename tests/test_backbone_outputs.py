@@ -117,7 +117,8 @@ def test_extract_records_the_choice_and_refuses_it_for_objects(tmp_path, local_c
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", hd.RandomWeightsWarning)
         out = hd.extract(
-            img, tmp_path / "k.zarr", backbone="dinov2_vits14", weights="random", client=local_client,
+            img, tmp_path / "k.zarr", backbone="dinov2_vits14", weights="random",
+            client=local_client,
             model_options={"depth": 2, "embed_dim": 32, "num_heads": 2}, layer=0, facet="key",
             attention="append", tile=112, progress=False, precision="fp32", dtype="float32",
         )  # fmt: skip
