@@ -76,27 +76,29 @@ def _legacy(device: str) -> str:
     return "bf16" if str(device).startswith("cuda") else "fp32"
 
 
-def recorded_precision(precision: str, device: str, *, here: bool) -> tuple[str, str | None]:
+def recorded_precision(precision: str, device: str) -> tuple[str, str | None]:
     """``(what the workers run, what the store records)`` for a requested precision.
 
-    ``here``: the model runs in this process's machine (the embedded cluster), so ``auto`` is
-    resolved now; elsewhere each worker resolves it on its own device. The record is ``None``
-    (nothing recorded) where the result is what the package did before ``precision`` existed.
+    Resolved once, on the client, for the device it names (``"auto"``: as this process sees it),
+    so every worker runs the same arithmetic and a run resumes whichever cluster runs it. The
+    record is ``None`` (nothing recorded) where the result is what the package did before
+    ``precision`` existed (bf16 on CUDA, fp32 on CPUs).
 
-    >>> recorded_precision("fp32", "cpu", here=True)
+    >>> recorded_precision("fp32", "cpu")
     ('fp32', None)
-    >>> recorded_precision("bf16", "cpu", here=True)
+    >>> recorded_precision("bf16", "cpu")
     ('bf16', 'bf16')
-    >>> recorded_precision("auto", "auto", here=False)
-    ('auto', 'auto')
+    >>> recorded_precision("fp32", "cuda:0")
+    ('fp32', 'fp32')
     """
     _check(precision)
     device = str(device)
-    concrete = device != "auto" and (here or precision != "auto" or device.startswith("cuda"))
-    run = resolve_precision(precision, device) if concrete else precision
-    if concrete and run == _legacy(device):
-        return run, None
-    return run, run
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    run = resolve_precision(precision, device)
+    return run, None if run == _legacy(device) else run
 
 
 def autocast(precision: str, device):

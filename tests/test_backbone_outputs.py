@@ -128,8 +128,7 @@ def test_extract_records_the_choice_and_refuses_it_for_objects(tmp_path, local_c
             "facet": "key",
             "attention": "append",
         }
-        # a given client's workers resolve their device: the precision is recorded
-        assert out.attrs["precision"] == "fp32"
+        assert "precision" not in out.attrs  # fp32 on a CPU: the legacy rule, not recorded
         with pytest.raises(ConfigError, match="apply to a backbone given by name"):
             hd.extract(
                 img, tmp_path / "m.zarr", backbone=hd.MeanPool(), layer=1, client=local_client
@@ -185,9 +184,9 @@ def test_native_bf16_follows_the_cpu_flags():
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert resolve_precision("auto", "cuda") == "bf16"
     # recorded only where it differs from the rule before the option (bf16 GPU, fp32 CPU)
-    assert recorded_precision("auto", "cuda", here=True) == ("bf16", None)
-    assert recorded_precision("fp32", "cuda", here=True) == ("fp32", "fp32")
-    assert recorded_precision("auto", "cpu", here=False) == ("auto", "auto")
+    assert recorded_precision("auto", "cuda") == ("bf16", None)
+    assert recorded_precision("fp32", "cuda") == ("fp32", "fp32")
+    assert recorded_precision("auto", "cpu") == ("bf16", "bf16") if native else ("fp32", None)
 
 
 def test_bf16_autocast_is_close_to_fp32(tiny_random_dinov2):

@@ -132,7 +132,7 @@ def extract(
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
         warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
-    precision = recorded_precision(features.precision, device, here=embedded)
+    precision = recorded_precision(features.precision, device)
     plan = _plan(features, facts, transforms, data, meta, store, precision)
     # Only checks here: the store is written once the cluster is up and the estimates are made.
     run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)

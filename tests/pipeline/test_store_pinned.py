@@ -22,11 +22,6 @@ import hrdv2_dask as hd
 _ADDED: frozenset[str] = frozenset(
     {"intensity"}  # the rule behind value_range (issue: one intensity policy, recorded in attrs)
 )
-# Settings added after the digests were taken, with the value that reproduces the pinned stores:
-# precision (issue 13) is "auto" by default, which is bf16 on CPUs with native bf16 (this one has
-# avx512_bf16) and would change the values; the cases run fp32, the rule of the time, and on a
-# given client (whose workers resolve their own device) the store records it.
-_ADDED_SETTINGS: dict[str, str] = {"precision": "fp32"}
 # Attributes that name this run's paths (tmp_path differs per run).
 _PATHS = ("path",)
 
@@ -36,10 +31,7 @@ def _attrs_without_paths(attrs: dict) -> dict:
     prov["source"] = {k: v for k, v in prov["source"].items() if k not in _PATHS}
     for key in _ADDED:
         prov.pop(key, None)
-    settings = dict(attrs["settings"])
-    for key, value in _ADDED_SETTINGS.items():
-        assert settings.pop(key, value) == value
-    return {"settings": settings, "provenance": prov, "complete": attrs["complete"]}
+    return {"settings": attrs["settings"], "provenance": prov, "complete": attrs["complete"]}
 
 
 def _digest(store) -> tuple[str, str]:
@@ -134,6 +126,9 @@ def _write(name: str, tmp_path, client) -> str:
             transforms=ts,
             client=client,
             progress=False,
+            # "auto" is bf16 on CPUs with native bf16 (this one has avx512_bf16), which would
+            # change the values; the pinned stores are fp32, the CPU rule before the option
+            # (recorded only where it differs from that rule, so the attrs are the same too).
             precision="fp32",
             **case,
         )
