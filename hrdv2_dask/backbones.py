@@ -17,7 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import ATTENTION, FACETS
 from .errors import ConfigError, InputError
+from .filterbank import NAME as FILTERBANK
+from .filterbank import FilterBank, filter_bank
 
 __all__ = [
     "Backbone",
@@ -204,13 +207,59 @@ def _check_input(x: torch.Tensor, patch_size: int, stride: int) -> None:
             )
 
 
+def _layer_index(layer: int, depth: int) -> int:
+    """``layer`` (negative: from the end) as an index into ``depth`` blocks.
+
+    >>> _layer_index(-1, 12), _layer_index(3, 12)
+    (11, 3)
+    """
+    if int(layer) != layer or not -depth <= layer < depth:
+        raise ConfigError(
+            f"layer must be a block index in {-depth}..{depth - 1} for this {depth}-block model, "
+            f"got {layer!r}; -1 is the last block."
+        )
+    return int(layer) % depth
+
+
+def _check_outputs(facet: str, attention: str) -> None:
+    if facet not in FACETS:
+        raise ConfigError(f"facet must be one of {', '.join(FACETS)}, got {facet!r}.")
+    if attention not in ATTENTION:
+        raise ConfigError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}.")
+    if attention == "only" and facet != "token":
+        raise ConfigError(
+            f"attention='only' gives the attention maps alone, so facet={facet!r} would be "
+            "ignored; use attention='append' to have both, or leave facet at 'token'."
+        )
+
+
+def layer_qkv(block: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values ``(B, heads, N, head_dim)`` of a timm ``Block`` on its input.
+
+    As the block's attention computes them: ``qkv(norm1(tokens))`` split into heads, then the
+    query and key norms (identities in DINOv2).
+    """
+    attn = block.attn
+    b, n, _ = tokens.shape
+    qkv = attn.qkv(block.norm1(tokens))
+    q, k, v = qkv.reshape(b, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
 class Backbone(nn.Module):
-    """A timm ViT that returns its final-norm patch tokens as a feature map.
+    """A timm ViT that returns per-patch features of one of its blocks as a feature map.
 
     The call runs the model on exactly the tensor given (no normalisation inside) and returns
     ``(B, embed_dim, h, w)`` without class and register tokens. Absolute position embeddings are
     resampled with the official DINOv2 rule (:func:`official_pos_embed`) for any input size and
     for a patch-embedding ``stride`` smaller than the patch size (the stride trick).
+
+    By default the features are the last block's tokens after the final norm. ``layer`` picks
+    another block (its output tokens, without the final norm), ``facet`` its attention's keys,
+    queries or values (input of that block's attention, heads concatenated, as in Amir et al.'s
+    dense descriptors) and ``attention`` adds (or gives alone) the class token's softmax
+    attention to each patch, one channel per head. All are per-patch maps like the tokens, so the
+    ensemble treats them alike; ``embed_dim`` is their number of channels.
 
     Parameters
     ----------
@@ -222,10 +271,22 @@ class Backbone(nn.Module):
         Patch-embedding stride; must divide the patch size. Defaults to the patch size.
     weights_origin : str, optional
         Where the weights came from ("random", a path, a cache, a URL), recorded in outputs.
+    layer : int, optional
+        Block index, negative from the end (default -1, the last).
+    facet : {"token", "key", "query", "value"}, optional
+    attention : {"none", "append", "only"}, optional
     """
 
     def __init__(
-        self, model: nn.Module, *, name: str, stride: int | None = None, weights_origin: str = ""
+        self,
+        model: nn.Module,
+        *,
+        name: str,
+        stride: int | None = None,
+        weights_origin: str = "",
+        layer: int = -1,
+        facet: str = "token",
+        attention: str = "none",
     ) -> None:
         super().__init__()
         self.model = model.eval()
@@ -247,6 +308,36 @@ class Backbone(nn.Module):
                 f"{name} uses rotary position embeddings; the stride trick (stride={stride}) is "
                 "only implemented for absolute position embeddings (DINOv2 and most timm ViTs)."
             )
+        _check_outputs(facet, attention)
+        depth = len(model.blocks)
+        self.layer, self.facet, self.attention = _layer_index(layer, depth), facet, attention
+        self._default = self.layer == depth - 1 and facet == "token" and attention == "none"
+        if self._uses_rope and not self._default:
+            raise ConfigError(
+                f"{name} uses rotary position embeddings; layer, facet and attention are only "
+                "implemented for absolute position embeddings (DINOv2 and most timm ViTs)."
+            )
+        if facet != "token":
+            self.embed_dim = int(model.blocks[self.layer].attn.qkv.out_features) // 3
+        self.num_heads = int(model.blocks[self.layer].attn.num_heads)
+        if attention == "append":
+            self.embed_dim += self.num_heads
+        elif attention == "only":
+            self.embed_dim = self.num_heads
+
+    @property
+    def options(self) -> dict[str, int | str]:
+        """The choices of layer, facet and attention that differ from the default (for attrs)."""
+        if self._default:
+            return {}
+        out: dict[str, int | str] = {}
+        if self.layer != len(self.model.blocks) - 1:
+            out["layer"] = self.layer
+        if self.facet != "token":
+            out["facet"] = self.facet
+        if self.attention != "none":
+            out["attention"] = self.attention
+        return out
 
     @property
     def random_weights(self) -> bool:
@@ -260,6 +351,7 @@ class Backbone(nn.Module):
         return (
             f"name={self.name!r}, patch_size={self.patch_size}, stride={self.stride}, "
             f"embed_dim={self.embed_dim}, weights={self.weights_origin!r}"
+            + "".join(f", {k}={v!r}" for k, v in self.options.items())
         )
 
     def _tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -286,6 +378,25 @@ class Backbone(nn.Module):
             t = torch.cat(prefix + [t + patch_pos], dim=1)
         return t, grid
 
+    def _layer_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(B, N_patches, C)`` features of the chosen block from the tokens entering it."""
+        m, n_pre = self.model, self.num_prefix_tokens
+        block = m.blocks[self.layer]
+        parts = []
+        if self.facet == "token" and self.attention != "only":
+            out = block(tokens)
+            parts.append(m.norm(out) if self.layer == len(m.blocks) - 1 else out)
+        if self.facet != "token" or self.attention != "none":
+            q, k, v = layer_qkv(block, tokens)
+            if self.facet != "token":
+                f = {"query": q, "key": k, "value": v}[self.facet]
+                parts.append(f.transpose(1, 2).flatten(2))
+            if self.attention != "none":
+                cls = q[:, :, :1] * block.attn.scale  # (B, heads, 1, hd)
+                att = (cls @ k.transpose(-2, -1)).softmax(dim=-1)[:, :, 0]  # (B, heads, N)
+                parts.append(att.transpose(1, 2))
+        return torch.cat(parts, dim=-1)[:, n_pre:] if len(parts) > 1 else parts[0][:, n_pre:]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, self.patch_size, self.stride)
         if self._uses_rope:
@@ -295,6 +406,11 @@ class Backbone(nn.Module):
             m = self.model
             tokens, grid = self._tokens(x)
             tokens = m.norm_pre(tokens)
+            if not self._default:
+                for block in m.blocks[: self.layer]:
+                    tokens = block(tokens)
+                patches = self._layer_features(tokens)
+                return patches.transpose(1, 2).reshape(x.shape[0], -1, *grid)
             for block in m.blocks:
                 tokens = block(tokens)
             tokens = m.norm(tokens)
@@ -343,15 +459,20 @@ def load_backbone(
     device: str | torch.device = "cpu",
     *,
     download: bool = True,
+    layer: int = -1,
+    facet: str = "token",
+    attention: str = "none",
     **overrides,
-) -> Backbone:
+) -> Backbone | FilterBank:
     """Build a backbone from timm and load its weights.
 
     Parameters
     ----------
     name : str
         Official hub name (``"dinov2_vits14"``, ``"dinov2_vitb14_reg"``, ``"dinov3_vits16"``...)
-        or a timm model name (``"vit_small_patch14_dinov2"``...).
+        or a timm model name (``"vit_small_patch14_dinov2"``...), or ``"filterbank"`` for the
+        classical per-pixel features of :class:`~hrdv2_dask.filterbank.FilterBank` (no weights;
+        ``overrides`` are its options).
     weights : str or os.PathLike, optional
         A checkpoint file (official ``.pth``, timm ``.safetensors``/``.pth``, or Hugging Face
         ``Dinov2Model`` ``.safetensors``), or ``"random"`` for random weights (testing only;
@@ -362,6 +483,9 @@ def load_backbone(
     device : str or torch.device, optional
     download : bool, optional
         Allow downloading weights when they are not cached.
+    layer, facet, attention : optional
+        Which per-patch features the backbone gives (see :class:`Backbone`): the tokens of the
+        last block after the final norm by default.
     **overrides
         Passed to ``timm.create_model`` (e.g. ``depth=2, embed_dim=64, num_heads=4`` for tiny
         test models).
@@ -381,6 +505,9 @@ def load_backbone(
 
     from .weights import load_state_dict, resolve_weights
 
+    if name == FILTERBANK:
+        outputs = dict(layer=layer, facet=facet, attention=attention)
+        return filter_bank(weights, stride, outputs=outputs, **overrides).to(device)
     spec = model_spec(name)
     overrides.setdefault("dynamic_img_size", True)
     try:
@@ -398,6 +525,14 @@ def load_backbone(
     else:
         path, origin = resolve_weights(spec, weights, download=download)
         load_state_dict(model, path)
-    backbone = Backbone(model, name=name, stride=stride, weights_origin=origin)
+    backbone = Backbone(
+        model,
+        name=name,
+        stride=stride,
+        weights_origin=origin,
+        layer=layer,
+        facet=facet,
+        attention=attention,
+    )
     backbone.weights_path = None if origin == "random" else path
     return backbone.to(device)

@@ -128,7 +128,13 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out_dir, size=args.size, weights=args.weights, progress=not args.quiet)
+    run_demo(
+        args.out_dir,
+        size=args.size,
+        weights=args.weights,
+        model=args.model,
+        progress=not args.quiet,
+    )
     return 0
 
 
@@ -179,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="build a sample image and extract its features")
     d.add_argument("out_dir", nargs="?", default="hrdv2-demo")
+    d.add_argument(
+        "--model",
+        default="dinov2_vits14",
+        help="backbone (filterbank: classical features, no weights needed)",
+    )
     d.add_argument("--size", type=int, default=2048, help="side of the sample image in px")
     d.add_argument("--weights", default=None, help="checkpoint path (default: caches, then random)")
     d.add_argument("--quiet", action="store_true")

@@ -26,8 +26,11 @@ from .device import check_device
 from .errors import ConfigError
 
 __all__ = [
+    "ATTENTION",
     "CLUSTERS",
     "DTYPES",
+    "FACETS",
+    "PRECISIONS",
     "ClusterSettings",
     "CollectionSettings",
     "FeatureSettings",
@@ -44,6 +47,12 @@ CLUSTERS = ("local", "cuda", "slurm")
 DTYPES = ("float16", "float32")
 #: How the members of a collection map their intensities.
 INTENSITIES = ("per-image", "shared")
+#: What a ViT layer gives per patch: its output tokens or its attention's keys, queries, values.
+FACETS = ("token", "key", "query", "value")
+#: The class token's attention to the patches, per head: not given, after the facet, or alone.
+ATTENTION = ("none", "append", "only")
+#: Backbone arithmetic: bf16 autocast where the hardware has it natively (auto), or fixed.
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # --- the feature, cluster and SLURM sections -------------------------------------------------
@@ -100,6 +109,24 @@ class FeatureSettings(Settings):
         "passed to timm.create_model, repeatable (e.g. depth=2 for a small test model)",
         cli="--model-option",
         metavar="KEY=VALUE",
+    )
+    layer: int = option(
+        -1,
+        "transformer block whose features are taken (negative: from the end; -1: the last, "
+        "after the final norm)",
+        fix="E.g. -1 (the last block) or 9.",
+    )
+    facet: str = option("token", "per-patch output of that block", choices=FACETS)
+    attention: str = option(
+        "none",
+        "the class token's attention to the patches, one channel per head",
+        choices=ATTENTION,
+    )
+    precision: str = option(
+        "auto",
+        "backbone arithmetic: auto = bf16 autocast on CUDA and on CPUs with native bf16 "
+        "(AVX512-BF16/AMX), else fp32",
+        choices=PRECISIONS,
     )
     shifts: tuple[int, ...] = option(
         (1,), "shift magnitudes in px, e.g. 1,2", minimum=1, fix="Shifts are lengths in px (1, 2)."

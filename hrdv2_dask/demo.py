@@ -23,11 +23,13 @@ def run_demo(
     progress: bool = True,
     client=None,
     model_options: dict | None = None,
+    model: str = "dinov2_vits14",
 ) -> dict:
     """The demo workflow: sample image → features on an embedded cluster → PCA picture, clusters.
 
     Uses real DINOv2 weights when they are given or cached; otherwise runs on random weights and
-    says so loudly (the outputs are marked ``random_weights=True``). Same as
+    says so loudly (the outputs are marked ``random_weights=True``); ``model="filterbank"`` needs
+    no weights at all (classical features). The summary names the backbone. Same as
     ``hrdv2 run workflows/demo.yaml``.
 
     Returns
@@ -41,7 +43,7 @@ def run_demo(
             "sample_size": size,
             "output_dir": str(out_dir),
             "features": {
-                "model": "dinov2_vits14",
+                "model": model,
                 "weights": weights,
                 "shifts": [1],
                 "tile": 504,  # a multiple of the patch size (14) and of the output stride (4)
@@ -52,5 +54,9 @@ def run_demo(
         }
     )
     summary = run_workflow(wf, client=client, progress=progress)
-    log.info("demo written to %s; look at pca.png and clusters.png", out_dir)
+    log.info(
+        "demo written to %s (features by %s); look at pca.png and clusters.png",
+        out_dir,
+        summary["backbone"],
+    )
     return summary

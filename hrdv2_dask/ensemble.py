@@ -16,7 +16,6 @@ classifier) runs on the low-resolution maps before any of this (see :mod:`hrdv2_
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 from .backbones import valid_size
 from .errors import ConfigError, InputError
 from .heads import LinearHead
+from .precision import autocast, resolve_precision
 from .transforms import AxisCoords, Transform, TransformSet, grid_coords, pad_reflect, shifts
 
 __all__ = ["highres_features", "output_shape", "position_bias"]
@@ -106,12 +106,6 @@ def _device_of(backbone, images: torch.Tensor) -> torch.device:
     return images.device
 
 
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _dense_taps(taps: _Lerp, n_grid: int) -> torch.Tensor:
     """``taps`` as a dense ``(n_grid, n_out)`` matrix ``R`` so that ``out = f @ R``."""
     n_out = taps.w.shape[0]
@@ -132,8 +126,11 @@ class _Accumulator:
     memory-bound gathers over the full-size map. The reference path gathers (``index_select``).
     """
 
-    def __init__(self, out: torch.Tensor, max_pending_bytes: int, *, fused: bool) -> None:
+    def __init__(
+        self, out: torch.Tensor, max_pending_bytes: int, *, fused: bool, bf16: bool = True
+    ) -> None:
         self.out = out  # (B, C, Y, X)
+        self.bf16 = bf16  # bf16 GEMM operands where the device runs them on tensor cores
         self.pending: dict[tuple, tuple[torch.Tensor, _Lerp, bool]] = {}
         self.pending_bytes = 0
         self.max_pending_bytes = max_pending_bytes
@@ -185,7 +182,7 @@ class _Accumulator:
         r = torch.cat([_dense_taps(t, g.shape[2]) for g, t in groups], dim=0)  # (sum, X)
         target = self.out[b]  # (C, Y, X), contiguous
         c, y, x = target.shape
-        if target.device.type not in _BF16_GEMM_DEVICES:
+        if not self.bf16 or target.device.type not in _BF16_GEMM_DEVICES:
             target.view(c * y, x).addmm_(h.reshape(c * y, -1), r)
             return
         # bf16 operands on the tensor cores, fp32 accumulation in the GEMM and in ``out``.
@@ -243,6 +240,7 @@ class _Setup:
     device: torch.device
     batch_size: int
     padded: tuple[int, int]
+    precision: str  # "fp32" or "bf16", resolved on the device
 
     @property
     def patch(self) -> int:
@@ -253,7 +251,7 @@ class _Setup:
         return int(self.backbone.stride)
 
 
-def _setup(images, backbone, transforms, batch_size) -> _Setup:
+def _setup(images, backbone, transforms, batch_size, precision: str = "auto") -> _Setup:
     if not isinstance(images, torch.Tensor):
         raise InputError(
             f"highres_features takes a torch.Tensor (B, 3, H, W), got {type(images).__name__}; "
@@ -278,7 +276,8 @@ def _setup(images, backbone, transforms, batch_size) -> _Setup:
     batch_size = batch_size or (len(tset) if device.type == "cuda" else min(len(tset), 4))
     h, w = batch.shape[-2:]
     padded = (valid_size(h, patch, stride), valid_size(w, patch, stride))
-    return _Setup(batch, single, backbone, tset, device, batch_size, padded)
+    precision = resolve_precision(precision, str(device))
+    return _Setup(batch, single, backbone, tset, device, batch_size, padded, precision)
 
 
 def _view_features(s: _Setup, views, chunks) -> Iterator[tuple[list, torch.Tensor]]:
@@ -288,7 +287,7 @@ def _view_features(s: _Setup, views, chunks) -> Iterator[tuple[list, torch.Tenso
         x = torch.stack([views[v][0].apply(src[b]) for b, v in chunk])
         if s.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(s.device):
+        with autocast(s.precision, s.device):
             feats = s.backbone(x)
         yield chunk, feats.float()
 
@@ -319,6 +318,7 @@ def highres_features(
     head: LinearHead | None = None,
     token_bias: Sequence[np.ndarray | torch.Tensor] | None = None,
     fused: bool = True,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """High-resolution features of a batch of images with the HR-Dv2 ensemble.
 
@@ -345,7 +345,11 @@ def highres_features(
         positional artefact estimated by :func:`position_bias`).
     fused : bool, optional
         Resample with one matrix product per image (default) instead of the reference gathers;
-        both give the same result to float32 rounding (bf16 operands on CUDA).
+        both give the same result to float32 rounding (bf16 operands on CUDA under bf16).
+    precision : {"auto", "fp32", "bf16"}, optional
+        The backbone's arithmetic: ``auto`` is bf16 autocast (fp32 accumulation) on CUDA and on
+        CPUs with native bf16 (AVX512-BF16 or AMX), fp32 elsewhere
+        (:func:`hrdv2_dask.precision.resolve_precision`). Resampling and averaging are fp32.
 
     Returns
     -------
@@ -355,7 +359,7 @@ def highres_features(
     """
     if int(out_stride) != out_stride or out_stride < 1:
         raise ConfigError(f"out_stride must be a positive integer, got {out_stride!r}.")
-    s = _setup(images, backbone, transforms, batch_size)
+    s = _setup(images, backbone, transforms, batch_size, precision)
     n, _, h, w = s.batch.shape
     out_hw = output_shape((h, w), out_stride)
     base = (AxisCoords(0, grid_coords(h, out_stride)), AxisCoords(1, grid_coords(w, out_stride)))
@@ -374,7 +378,12 @@ def highres_features(
                     (n, feats.shape[1], *out_hw), dtype=torch.float32, device=s.device
                 )
                 map_bytes = out[0].numel() * 4
-                acc = _Accumulator(out, max_pending_bytes=max(map_bytes // 2, 1), fused=bool(fused))
+                acc = _Accumulator(
+                    out,
+                    max_pending_bytes=max(map_bytes // 2, 1),
+                    fused=bool(fused),
+                    bf16=s.precision == "bf16",
+                )
             for (b, v), f in zip(chunk, feats, strict=True):
                 acc.add(b, f, views[v][2], views[v][3])
             del feats
@@ -388,6 +397,8 @@ def position_bias(
     backbone,
     transforms: TransformSet | Sequence[Transform] | None = None,
     batch_size: int | None = None,
+    *,
+    precision: str = "auto",
 ) -> list[torch.Tensor]:
     """The positional artefact of a backbone on windows of one size, per transform.
 
@@ -402,7 +413,7 @@ def position_bias(
     images : torch.Tensor
         ``(B, 3, H, W)`` normalised windows, all of the size the bias will be used with; the more
         (and the more varied), the better the estimate.
-    backbone, transforms, batch_size
+    backbone, transforms, batch_size, precision
         As in :func:`highres_features`.
 
     Returns
@@ -410,7 +421,7 @@ def position_bias(
     list of torch.Tensor
         One ``(C, h, w)`` float32 map per transform, for ``highres_features(token_bias=...)``.
     """
-    s = _setup(images, backbone, transforms, batch_size)
+    s = _setup(images, backbone, transforms, batch_size, precision)
     n = s.batch.shape[0]
     base = (AxisCoords(0, grid_coords(s.padded[0], 1)), AxisCoords(1, grid_coords(s.padded[1], 1)))
     views = _plan_views(s.tset, s.padded, base, s.patch, s.stride, s.device)

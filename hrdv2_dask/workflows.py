@@ -201,9 +201,15 @@ def run_workflow(wf: Workflow | str | os.PathLike, *, client=None, progress: boo
         "workflow": wf.to_dict(),
         "features": str(out / "features.zarr"),
         "feature_shape": dict(features.sizes),
+        # which backbone produced what: a filter bank, real weights or random ones
+        "backbone": features.attrs.get("model"),
+        "weights_origin": features.attrs.get("weights_origin"),
         "random_weights": bool(features.attrs.get("random_weights")),
         "analyses": [],
     }
+    log.info(
+        "features by %s (weights: %s)", summary["backbone"], summary["weights_origin"] or "none"
+    )
     for step in wf.analyses:
         log.info("analysis: %s", step.kind)
         summary["analyses"].append(run_analysis(step, features, out))

@@ -70,7 +70,7 @@ def test_periodic_equals_the_literal_recipe(tiny_random_dinov2):
             up = F.interpolate(f, size=(84, 112), mode="bilinear", align_corners=False)
             literal += torch.roll(up, (-d[0], -d[1]), dims=(-2, -1))
         literal /= len(ts)
-    ours = hd.highres_features(x, bb, ts)
+    ours = hd.highres_features(x, bb, ts, precision="fp32")  # the literal recipe runs fp32
     assert float((ours - literal).abs().max() / literal.abs().max()) < 1e-4
 
 
@@ -108,7 +108,7 @@ def test_matches_naive_reference(tiny_random_dinov2, stride):
     bb = hd.backbones.Backbone(tiny_random_dinov2.model, name="tiny", stride=stride)
     img = torch.randn(3, 61, 79, generator=torch.Generator().manual_seed(1))
     ts = hd.combine(hd.shifts((1, 2)), hd.flips(), hd.rotations())
-    ours = hd.highres_features(img, bb, ts)
+    ours = hd.highres_features(img, bb, ts, precision="fp32")  # exactness: fp32 like the naive
     ref = naive_ensemble(img, bb, ts)
     b = 2  # the naive inverse of a reflected shift is inexact within the shift of the border
     diff = (ours - ref)[:, b:-b, b:-b].abs().max() / ref.abs().max()
@@ -118,7 +118,7 @@ def test_matches_naive_reference(tiny_random_dinov2, stride):
 def test_flips_and_rotations_match_naive_everywhere(tiny_random_dinov2):
     img = torch.randn(3, 50, 66, generator=torch.Generator().manual_seed(2))
     ts = hd.combine(hd.flips(), hd.rotations())
-    ours = hd.highres_features(img, tiny_random_dinov2, ts)
+    ours = hd.highres_features(img, tiny_random_dinov2, ts, precision="fp32")
     ref = naive_ensemble(img, tiny_random_dinov2, ts)
     assert float((ours - ref).abs().max() / ref.abs().max()) < 1e-5
 

@@ -28,6 +28,7 @@ from ..errors import ConfigError, Hrdv2Error, InputError, StoreError
 from ..io.collection import CollectionStore, open_collection
 from ..io.readers import open_image
 from ..io.store import RunStore
+from ..precision import recorded_precision
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..transforms import TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
@@ -174,7 +175,10 @@ def extract_collection(
         device,
         dict(features.model_options or {}),
         threads,
+        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
+        seed=features.random_seed,
     )
+    precision = recorded_precision(features.precision, device)
     if facts.random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
@@ -186,7 +190,9 @@ def extract_collection(
         overwrite=features.overwrite,
     )
     cstore.create()
-    jobs = _jobs(members, cstore, features, facts, transforms, intensity, coll.retry_failed)
+    jobs = _jobs(
+        members, cstore, features, facts, transforms, intensity, coll.retry_failed, precision
+    )
     if jobs:
         with cluster_client(
             client,
@@ -221,7 +227,7 @@ def _row(member: Member, meta=None, **extra) -> dict[str, Any]:
     return row
 
 
-def _jobs(members, cstore, features, facts, transforms, intensity, retry) -> list[_Job]:
+def _jobs(members, cstore, features, facts, transforms, intensity, retry, precision) -> list[_Job]:
     """Open and plan the members still to compute; record the others' rows."""
     opened = []
     for m in members.members:
@@ -253,7 +259,7 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry) -> lis
         )
         path = cstore.member_path(m.key)
         try:
-            plan = _plan(f, facts, transforms, data, meta, path)
+            plan = _plan(f, facts, transforms, data, meta, path, precision)
             if intensity == "shared" and features.value_range is None:
                 plan.provenance["intensity"] = f"shared over {len(opened)} members (seed 0)"
             try:

@@ -23,6 +23,7 @@ from ..heads import LinearHead
 from ..io.lock import WriterLock
 from ..io.readers import open_image
 from ..io.store import RunStore, open_features
+from ..precision import recorded_precision
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
 from .execute import Run
@@ -127,13 +128,15 @@ def extract(
         device,
         dict(features.model_options or {}),
         threads,
+        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
         seed=features.random_seed,
     )
     if facts.random_weights:
         msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
         log.warning(msg)
         warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
-    plan = _plan(features, facts, transforms, data, meta, store)
+    precision = recorded_precision(features.precision, device)
+    plan = _plan(features, facts, transforms, data, meta, store, precision)
     # Held until the end, whatever happens: no second writer, and --overwrite never deletes a
     # store that another live run writes.
     with WriterLock(store, stale_after_s=features.stale_lock_hours * 3600):
@@ -161,7 +164,7 @@ def extract(
     return open_features(store)
 
 
-def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
+def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
     """Plan the run: transforms, grid, intensities and mask (reads a sample, no cluster)."""
     if transforms is None:
         tset = transform_set(features, facts.patch_size)
@@ -181,6 +184,7 @@ def _plan(features, facts, transforms, data, meta, store) -> RunPlan:
         store=str(store),
         compute=compute,
         intensity=describe_intensities(data.dtype, features.value_range),
+        precision=precision,
     )
 
 

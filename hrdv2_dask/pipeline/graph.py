@@ -125,7 +125,9 @@ def bias_sums(
     """
     bb = worker_backbone(backbone)
     x = _normalise(_read_windows(source, plan, windows), plan.value_range, _device(bb))
-    part = position_bias(x, bb, plan.transforms, batch_size=plan.batch_size)
+    part = position_bias(
+        x, bb, plan.transforms, batch_size=plan.batch_size, precision=plan.precision
+    )
     return [(p * len(windows)).cpu().numpy() for p in part]
 
 
@@ -154,6 +156,7 @@ def feature_sample(
         out_stride=g.out_stride,
         batch_size=plan.batch_size,
         token_bias=token_bias,
+        precision=plan.precision,
     )[0]
     mc = g.margin_px // g.out_stride
     ys, xs = g.chunk_slices(*window)
@@ -235,6 +238,7 @@ def run_block(
             out_stride=g.out_stride,
             batch_size=plan.batch_size,
             head=plan.head,
+            precision=plan.precision,
             token_bias=token_bias,
         )
         for (j, i), f in zip(group, feats[:, :, inner, inner], strict=True):

@@ -15,7 +15,7 @@ from typing import Any
 import dask
 import numpy as np
 
-from ..backbones import RandomWeightsWarning, load_backbone, model_spec
+from ..backbones import FILTERBANK, RandomWeightsWarning, load_backbone, model_spec
 from ..errors import ConfigError, InputError
 from ..io.readers import open_image, read_thumbnail
 from ..masking import foreground_mask
@@ -29,6 +29,7 @@ __all__ = ["backbone_recipe", "describe_intensities", "estimate_value_range", "r
 log = logging.getLogger(__name__)
 
 _AUTO_MASKS = {"auto": "bright", "auto-dark": "dark"}
+_OUTPUT_DEFAULTS = {"layer": -1, "facet": "token", "attention": "none"}
 
 
 def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
@@ -106,8 +107,10 @@ def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> np.ndarray | None:
     return compute
 
 
-def _resolved_path(backbone) -> str:
+def _resolved_path(backbone) -> str | None:
     """The local checkpoint file the client loaded, so workers load exactly that file."""
+    if not getattr(backbone, "needs_weights", True):
+        return None  # the filter bank
     return str(getattr(backbone, "weights_path", None) or backbone.weights_origin)
 
 
@@ -120,7 +123,20 @@ def _facts(local: Any, name: str, seed: int | None = None) -> BackboneFacts:
         random_weights=getattr(local, "weights_origin", "") == "random",
         weights_origin=getattr(local, "weights_origin", None),
         random_seed=seed,
+        options=dict(getattr(local, "options", {})),
+        halo_px=int(getattr(local, "halo_px", 0)),
+        channel_names=tuple(getattr(local, "channel_names", ())),
     )
+
+
+def _check_outputs_by_name(backbone: Any, outputs: dict) -> None:
+    """Layer, facet and attention are load_backbone's keywords: a given backbone has its own."""
+    chosen = {k: v for k, v in outputs.items() if v != _OUTPUT_DEFAULTS[k]}
+    if chosen and not isinstance(backbone, str):
+        raise ConfigError(
+            f"{chosen} apply to a backbone given by name; for a backbone object or factory pass "
+            "them to load_backbone(...) instead."
+        )
 
 
 def backbone_recipe(
@@ -130,6 +146,7 @@ def backbone_recipe(
     device: str,
     model_options: dict,
     threads: int | None,
+    outputs: dict | None = None,
     *,
     seed: int = 0,
 ) -> tuple[Any, BackboneFacts]:
@@ -139,15 +156,18 @@ def backbone_recipe(
     :class:`~hrdv2_dask.pipeline.workers.BackboneRecipe` naming the resolved checkpoint file, or,
     with ``weights="random"``, the ``seed`` that every worker builds the same random model from;
     a zero-argument callable is shipped as the recipe's factory; a backbone object as it is.
+    ``outputs`` (``layer``, ``facet``, ``attention``) go to :func:`load_backbone` with a name.
     """
+    outputs = dict(outputs or {})
+    _check_outputs_by_name(backbone, outputs)
     with warnings.catch_warnings():
         # load_backbone warns about random weights; extract's warning names the store instead.
         warnings.simplefilter("ignore", RandomWeightsWarning)
         if isinstance(backbone, str):
-            spec = model_spec(backbone)
+            timm_name = backbone if backbone == FILTERBANK else model_spec(backbone).timm_name
             random = weights is not None and str(weights) == "random"
             with seeded(seed if random else None):
-                local = load_backbone(backbone, weights, stride, "cpu", **model_options)
+                local = load_backbone(backbone, weights, stride, "cpu", **outputs, **model_options)
             recipe = BackboneRecipe(
                 name=backbone,
                 # Workers load exactly the file the client resolved (no download race), or
@@ -156,10 +176,11 @@ def backbone_recipe(
                 stride=stride,
                 device=device,
                 overrides=tuple(sorted(model_options.items())),
+                outputs=tuple(sorted(outputs.items())),
                 seed=seed if random else None,
                 threads=threads,
             )
-            return recipe, _facts(local, spec.timm_name, seed if random else None)
+            return recipe, _facts(local, timm_name, seed if random else None)
         if callable(backbone) and not hasattr(backbone, "patch_size"):
             local = backbone()
             recipe = BackboneRecipe(

@@ -52,6 +52,7 @@ class BlockPlan:
     dtype: str
     batch_size: int | None
     store_path: str
+    precision: str = "fp32"  # the backbone's arithmetic (hrdv2_dask.precision)
     # Optional linear head (e.g. a PCA projection) applied to each view's low-resolution map
     # before upsampling; exact because resampling and blending are linear with weights that
     # sum to 1. ``channels`` is then the head's output channels.
@@ -91,6 +92,10 @@ class BackboneFacts:
     random_weights: bool = False
     weights_origin: str | None = None
     random_seed: int | None = None  # the seed random weights were built from (None: not seeded)
+    # Its non-default outputs (layer, facet, attention), recorded in the settings.
+    options: Mapping[str, Any] = field(default_factory=dict)
+    halo_px: int = 0  # context beyond the patch that a feature reads (a filter bank's support)
+    channel_names: tuple[str, ...] = ()  # recorded in the provenance where the backbone has them
 
 
 @dataclass(frozen=True)
@@ -131,9 +136,14 @@ def transform_set(features: FeatureSettings, patch_size: int) -> TransformSet:
     >>> len(transform_set(FeatureSettings(flips=True), 14))
     27
     """
-    sets = [
-        shifts(features.shifts, features.neighbourhood, features.boundary, patch_size=patch_size)
-    ]
+    if patch_size < 3:  # no shift fits (|d| < P/2): a per-pixel backbone needs no ensemble
+        sets = [TransformSet([])]
+    else:
+        sets = [
+            shifts(
+                features.shifts, features.neighbourhood, features.boundary, patch_size=patch_size
+            )
+        ]
     if features.flips:
         sets.append(flips())
     return combine(*sets)
@@ -174,7 +184,7 @@ def plan_grid(
         overlap_px=features.overlap,
         patch_px=patch,
         stride_px=backbone.stride,
-        max_shift_px=transforms.max_shift_px,
+        max_shift_px=transforms.max_shift_px + backbone.halo_px,
         out_stride=features.out_stride,
     )
 
@@ -204,6 +214,7 @@ def plan_run(
     store: str,
     compute: np.ndarray | None = None,
     intensity: str | None = None,
+    precision: tuple[str, str | None] = ("fp32", None),
 ) -> RunPlan:
     """The plan of one extraction.
 
@@ -227,6 +238,9 @@ def plan_run(
         ``(n_windows_y, n_windows_x)`` bool: the windows to compute (a mask); default all.
     intensity : str, optional
         How ``value_range`` was found (recorded in the provenance).
+    precision : (str, str or None), optional
+        What the workers run and what the settings record
+        (:func:`hrdv2_dask.precision.recorded_precision`; ``None``: nothing, the legacy rule).
     """
     channels = backbone.channels
     components = features.components
@@ -245,6 +259,7 @@ def plan_run(
         dtype=features.dtype,
         batch_size=features.batch_size,
         store_path=str(store),
+        precision=precision[0],
         compute=compute,
     )
     settings = {
@@ -265,9 +280,12 @@ def plan_run(
         "components": components,
         "mask": mask_description(features.mask),
         "debias": features.debias,
+        **backbone.options,
     }
     if backbone.random_seed is not None:  # only seeded random weights: other stores unchanged
         settings["random_seed"] = backbone.random_seed
+    if precision[1] is not None:
+        settings["precision"] = precision[1]
     provenance: dict[str, Any] = {
         "package": "hrdv2-dask",
         "version": __version__,
@@ -276,6 +294,8 @@ def plan_run(
     }
     if intensity is not None:
         provenance["intensity"] = intensity
+    if backbone.channel_names and components is None:
+        provenance["channel_names"] = list(backbone.channel_names)
     if compute is not None:
         provenance["computed_windows"] = int(compute.sum())
         provenance["skipped_windows"] = int(compute.size - compute.sum())

@@ -72,6 +72,7 @@ class BackboneRecipe:
     device: str = "cpu"
     overrides: tuple[tuple[str, Any], ...] = ()
     seed: int | None = None  # the seed of random weights (weights="random")
+    outputs: tuple[tuple[str, Any], ...] = ()  # layer, facet, attention (load_backbone keywords)
     factory: Callable[[], Any] | None = field(default=None, compare=False)
     factory_token: str = ""  # identifies the factory across processes (set by the client)
     # torch intra-op threads in each worker process (None: $HRDV2_THREADS, set by the preload)
@@ -85,6 +86,7 @@ class BackboneRecipe:
             self.device,
             self.overrides,
             self.seed,
+            self.outputs,
             self.factory_token,
         )
 
@@ -108,6 +110,7 @@ class BackboneRecipe:
                     self.stride,
                     device,
                     download=False,
+                    **dict(self.outputs),
                     **dict(self.overrides),
                 )
         if isinstance(bb, torch.nn.Module):
