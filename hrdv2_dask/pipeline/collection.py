@@ -14,28 +14,23 @@ import inspect
 import logging
 import os
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import dask
 import numpy as np
 
-from ..backbones import RandomWeightsWarning
 from ..config import ClusterSettings, CollectionSettings, FeatureSettings
-from ..device import check_device, cpu_count, resolve_device
 from ..errors import ConfigError, Hrdv2Error, InputError, StoreError
 from ..io.collection import CollectionStore, open_collection
 from ..io.readers import open_image
 from ..io.store import RunStore
-from ..precision import recorded_precision
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..transforms import TransformSet
-from .cluster import check_deployment, cluster_client, task_resources
+from .cluster import cluster_client, task_resources
 from .execute import Run
-from .extraction import _plan, prepare_blocks, split_options
+from .extraction import _plan, deployment, load_recipe, prepare_blocks, split_options
 from .graph import SourceReader
-from .inputs import backbone_recipe
 from .members import Member, list_members
 from .plan import RunPlan, transform_set
 from .workers import backbone_on_workers
@@ -157,32 +152,12 @@ def extract_collection(
         The store opened with :func:`hrdv2_dask.open_collection`.
     """
     features, cluster, coll = _split(options)
-    check_deployment(
-        scheduler=cluster.scheduler,
-        cluster=cluster.kind,
-        slurm=cluster.slurm,
-        workers=cluster.workers,
-    )
-    embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
-    device = resolve_device(features.device) if embedded else check_device(features.device)
+    embedded, device = deployment(features, cluster, client)
     members = list_members(sources, axes=features.axes, level=features.level)
     intensity = coll.intensity or ("shared" if members.stack else "per-image")
-    threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
-    recipe, facts = backbone_recipe(
-        features.model,
-        features.weights,
-        features.stride,
-        device,
-        dict(features.model_options or {}),
-        threads,
-        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
-        seed=features.random_seed,
+    recipe, facts, precision = load_recipe(
+        features, cluster, device, embedded=embedded, store=store
     )
-    precision = recorded_precision(features.precision, device)
-    if facts.random_weights:
-        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
-        log.warning(msg)
-        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
     probe = _plan_probe(features, facts, transforms)
     cstore = CollectionStore(
         store,

@@ -33,7 +33,7 @@ from .inputs import backbone_recipe, describe_intensities, estimate_value_range,
 from .plan import RunPlan, plan_grid, plan_run, transform_set, with_projection
 from .workers import backbone_on_workers
 
-__all__ = ["extract", "split_options"]
+__all__ = ["deployment", "extract", "load_recipe", "prepare_blocks", "split_options"]
 
 log = logging.getLogger(__name__)
 
@@ -110,32 +110,11 @@ def extract(
     the cluster is up and the estimates are made.
     """
     features, cluster = split_options(options)
-    check_deployment(
-        scheduler=cluster.scheduler,
-        cluster=cluster.kind,
-        slurm=cluster.slurm,
-        workers=cluster.workers,
-    )
-    embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
-    # The embedded cluster runs on this machine; elsewhere each worker resolves "auto" itself.
-    device = resolve_device(features.device) if embedded else check_device(features.device)
+    embedded, device = deployment(features, cluster, client)
     data, meta = open_image(source, features.axes, level=features.level, plane=features.plane)
-    threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
-    recipe, facts = backbone_recipe(
-        features.model,
-        features.weights,
-        features.stride,
-        device,
-        dict(features.model_options or {}),
-        threads,
-        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
-        seed=features.random_seed,
+    recipe, facts, precision = load_recipe(
+        features, cluster, device, embedded=embedded, store=store
     )
-    if facts.random_weights:
-        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
-        log.warning(msg)
-        warnings.warn(msg, RandomWeightsWarning, stacklevel=2)
-    precision = recorded_precision(features.precision, device)
     plan = _plan(features, facts, transforms, data, meta, store, precision)
     # Held until the end, whatever happens: no second writer, and --overwrite never deletes a
     # store that another live run writes.
@@ -162,6 +141,46 @@ def extract(
             log.info("%d windows in %.1f s", n_windows, time.perf_counter() - t0)
             run_store.finish()
     return open_features(store)
+
+
+def deployment(features: FeatureSettings, cluster: ClusterSettings, client) -> tuple[bool, str]:
+    """``(embedded, device)``: the deployment checked and the device named.
+
+    The embedded cluster runs on this machine, so ``"auto"`` is resolved here; elsewhere each
+    worker resolves it itself.
+    """
+    check_deployment(
+        scheduler=cluster.scheduler,
+        cluster=cluster.kind,
+        slurm=cluster.slurm,
+        workers=cluster.workers,
+    )
+    embedded = client is None and cluster.scheduler is None and cluster.kind == "local"
+    device = resolve_device(features.device) if embedded else check_device(features.device)
+    return embedded, device
+
+
+def load_recipe(
+    features: FeatureSettings, cluster: ClusterSettings, device: str, *, embedded: bool, store
+) -> tuple[Any, Any, tuple[str, str | None]]:
+    """``(recipe, facts, precision)`` of the backbone the workers will build; random weights
+    are announced loudly, naming ``store``."""
+    threads = max(1, cpu_count() // (cluster.workers or 1)) if embedded else None
+    recipe, facts = backbone_recipe(
+        features.model,
+        features.weights,
+        features.stride,
+        device,
+        dict(features.model_options or {}),
+        threads,
+        outputs={"layer": features.layer, "facet": features.facet, "attention": features.attention},
+        seed=features.random_seed,
+    )
+    if facts.random_weights:
+        msg = f"*** RANDOM WEIGHTS: the features in {store} are meaningless (testing only) ***"
+        log.warning(msg)
+        warnings.warn(msg, RandomWeightsWarning, stacklevel=3)
+    return recipe, facts, recorded_precision(features.precision, device)
 
 
 def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
