@@ -188,13 +188,17 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
         run = extract_collection
     else:
         run = extract
-    return run(
+    result = run(
         source,
         out / "features.zarr",
         client=client,
         progress=progress,
         **extract_options(features, wf.cluster),
     )
+    for row in result.attrs.get("members", []) if run is not extract else []:
+        if row.get("status") == "failed":
+            log.warning("member %s failed, left out: %s", row.get("key"), row.get("error"))
+    return result
 
 
 def _one_image(source: str, features: FeatureSettings) -> bool:

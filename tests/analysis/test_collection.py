@@ -417,3 +417,72 @@ def test_cli_cluster_a_collection(stacks, tmp_path, capsys):
     for lab in labels:
         np.testing.assert_array_equal(lab, labels[0])
     assert Path(summary["contact_sheet"]).is_file()
+
+
+def test_stack_workflow_ships_its_data():
+    from hrdv2_dask.workflows import load_workflow
+
+    root = Path(__file__).resolve().parents[2] / "workflows"
+    wf = load_workflow(root / "micrograph_stack_scribbles.yaml")
+    assert tifffile.imread(wf.input).shape[0] == 4
+    seg = wf.analyses[0].options
+    assert seg.train == ("z000",) and seg.test == ("z002",)
+    assert sorted(p.name for p in Path(seg.labels).iterdir()) == ["z000.png", "z002.png"]
+
+
+def test_a_workflow_on_a_stack_segments_and_clusters_every_plane(tmp_path, local_client):
+    import yaml
+
+    from hrdv2_dask.workflows import run_workflow
+
+    rng = np.random.default_rng(1)
+    planes = np.where(np.arange(DISK[2])[None, None] < DISK[2] // 2, 50, 200)
+    planes = (planes + rng.integers(0, 30, DISK)).astype(np.uint8)
+    tifffile.imwrite(tmp_path / "stack.tif", planes, metadata={"axes": "ZYX"})
+    (tmp_path / "labels").mkdir()
+    lab = np.zeros(DISK[1:], np.uint8)
+    lab[::8, 4:20], lab[::8, -20:-4] = 1, 2
+    Image.fromarray(lab).save(tmp_path / "labels" / "z001.png")
+    wf = {
+        "input": "stack.tif",
+        "output_dir": "out",
+        "features": {"model": "filterbank", "shifts": [1], "tile": 252, "dtype": "float32"},
+        "analyses": [
+            {"segment": {"labels": "labels", "method": "logistic", "save_model": "out/m"}},
+            {"cluster": {"k": 2, "samples": 2000}},
+        ],
+    }
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump(wf))
+    summary = run_workflow(tmp_path / "wf.yaml", client=local_client, progress=False)
+    out = tmp_path / "out"
+    assert sorted(summary["feature_shape"]) == ["z000", "z001", "z002"]
+    seg, clusters = summary["analyses"]
+    assert seg["train"] == ["z001"] and seg["train_accuracy"] == 1.0
+    assert (out / "m" / "model.json").is_file() and (out / "summary.json").is_file()
+    for step in ("segment", "cluster"):
+        assert (out / step / "contact_sheet.png").is_file()
+        assert sorted(json.loads((out / step / "summary.json").read_text())["members"]) == [
+            "z000",
+            "z001",
+            "z002",
+        ]
+    pred = _read(out / "segment" / "z002" / "segmentation.zarr")
+    assert (pred[:, :20] == 1).mean() > 0.95 and (pred[:, -20:] == 2).mean() > 0.95
+    assert clusters["k"] == 2
+
+
+def test_similarity_and_predictions_on_a_tree_are_lazy_per_member():
+    from test_analysis import counting_scheduler
+
+    tree, truth = _tree(3)
+    km = an.fit_kmeans(tree, k=3, n_samples=1000)
+    with counting_scheduler(0):
+        sims = an.similarity(tree, points=[(5, 7)])
+        labels = km.predict(tree)
+    assert sorted(sims.children) == sorted(truth) == sorted(labels.children)
+    for key in truth:
+        sim = sims[key]["similarity"].values
+        assert sim[5, 7] == pytest.approx(1.0, abs=1e-5)
+        # the query's own texture is the most similar one in its member
+        same = truth[key] == truth[key][5, 7]
+        assert sim[same].mean() > sim[~same].max() - 0.2
