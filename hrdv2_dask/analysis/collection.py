@@ -440,8 +440,9 @@ def write_members(
     -------
     dict
         One store: ``write_one``'s dict plus ``figures``. A collection: ``figures``,
-        ``members`` (key -> ``write_one``'s dict), ``contact_sheet`` and ``summary`` (the
-        path of ``summary.json``, which holds this same dict).
+        ``members`` (key -> ``write_one``'s dict), ``left_out`` (members of the table without
+        features, if any), ``contact_sheet`` and ``summary`` (the path of ``summary.json``,
+        which holds this same dict).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -456,6 +457,9 @@ def write_members(
         if picture and (folder / picture).is_file():
             tiles.append((key, folder / picture))
     summary: dict[str, Any] = {**(figures or {}), "members": done}
+    failed = [k for k in all_keys(features) if k not in features.children]
+    if failed:  # members without features (failed or pending): named, not silently missing
+        summary["left_out"] = failed
     if tiles:
         write_contact_sheet(tiles, out / "contact_sheet.png")
         summary["contact_sheet"] = str(out / "contact_sheet.png")
