@@ -486,3 +486,14 @@ def test_similarity_and_predictions_on_a_tree_are_lazy_per_member():
         # the query's own texture is the most similar one in its member
         same = truth[key] == truth[key][5, 7]
         assert sim[same].mean() > sim[~same].max() - 0.2
+
+
+def test_members_without_features_are_named_in_the_summary(tmp_path):
+    tree, truth = _tree(2)
+    tree.attrs["members"] = [{"key": k, "status": "done"} for k in truth] + [
+        {"key": "bad", "status": "failed", "error": "InputError: unreadable"}
+    ]
+    summary = an.get_analysis("cluster").run(an.KMeansOptions(k=3, samples=500), tree, tmp_path)
+    assert summary["left_out"] == ["bad"] and sorted(summary["members"]) == sorted(truth)
+    with pytest.raises(InputError, match="'bad' is a member that failed"):
+        an.fit_kmeans(tree, k=3, images=("bad",))
