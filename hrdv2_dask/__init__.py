@@ -58,6 +58,11 @@ _EXPORTS = {
     "extract": ".pipeline.extraction",
     "extract_collection": ".pipeline.collection",
     "open_collection": ".io.collection",
+    "KMeansModel": ".analysis",
+    "PCAModel": ".analysis",
+    "Segmenter": ".analysis",
+    "apply_model": ".analysis",
+    "load_model": ".analysis",
 }
 
 __all__ = [
@@ -73,11 +78,14 @@ __all__ = [
     "ImageMeta",
     "IncompleteStoreError",
     "InputError",
+    "KMeansModel",
     "LinearHead",
     "MeanPool",
     "MissingExtraError",
+    "PCAModel",
     "RandomWeightsWarning",
     "Rotate",
+    "Segmenter",
     "Shift",
     "SlurmSettings",
     "SourceNotFoundError",
@@ -86,12 +94,14 @@ __all__ = [
     "WeightsFormatError",
     "WeightsNotFoundError",
     "__version__",
+    "apply_model",
     "combine",
     "extract",
     "extract_collection",
     "flips",
     "highres_features",
     "load_backbone",
+    "load_model",
     "normalize",
     "open_collection",
     "open_features",
@@ -104,6 +114,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from .analysis import KMeansModel, PCAModel, Segmenter, apply_model, load_model
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
     from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings
     from .ensemble import highres_features, output_shape, position_bias

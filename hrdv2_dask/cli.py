@@ -1,4 +1,4 @@
-"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|run|demo``.
+"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|apply|run|demo``.
 
 Each subcommand parses its arguments, builds the options and calls one public function. Errors
 that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr; a
@@ -95,14 +95,14 @@ def _info(args) -> int:
 def _analysis(args) -> int:
     from pathlib import Path
 
+    from .analysis.collection import open_store
     from .analysis.registry import get_analysis
-    from .io.store import open_features
 
     analysis = get_analysis(args.command, "the command line")
     options = analysis.options.from_args(args)
     from .pipeline.faults import run_faults
 
-    features = open_features(args.store)
+    features = open_store(args.store)
     # a fault reading the store or writing the results: one line
     with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -115,6 +115,23 @@ _AGAIN = (
     "rerun the same command (results it did not finish may be partial; a fault reading "
     "{store!r} means the store is damaged: recompute it)"
 )
+
+
+def _apply(args) -> int:
+    from pathlib import Path
+
+    from .analysis.collection import open_store
+    from .analysis.models import ApplyOptions, apply_model
+    from .pipeline.faults import run_faults
+
+    options = ApplyOptions.from_args(args)
+    features = open_store(args.store)
+    with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
+        result = apply_model(
+            args.model, features, Path(args.out), images=options.images, proba=options.proba
+        )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
 
 
 def _run(args) -> int:
@@ -144,7 +161,7 @@ def _add_analyses(sub) -> None:
 
     for name, analysis in ANALYSES.items():
         a = sub.add_parser(name, help=analysis.help)
-        a.add_argument("store", help="feature store (from `hrdv2 features`)")
+        a.add_argument("store", help="feature store or collection (from `hrdv2 features`)")
         analysis.options.add_arguments(a, positional=True)
         a.add_argument("out", help="output folder")
         analysis.options.add_arguments(a, positional=False)
@@ -172,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_features)
 
     _add_analyses(sub)
+
+    from .analysis.models import ApplyOptions
+
+    m = sub.add_parser("apply", help="apply a saved model (--save-model) to a store or collection")
+    m.add_argument("model", help="model folder (from pca, cluster or segment --save-model)")
+    m.add_argument("store", help="feature store or collection with the model's feature settings")
+    m.add_argument("out", help="output folder")
+    ApplyOptions.add_arguments(m)
+    m.set_defaults(func=_apply)
 
     r = sub.add_parser("run", help="run a workflow YAML file")
     r.add_argument("workflow")
