@@ -58,6 +58,8 @@ _EXPORTS = {
     "extract": ".pipeline.extraction",
     "extract_collection": ".pipeline.collection",
     "open_collection": ".io.collection",
+    "build_index": ".analysis.retrieval",
+    "search": ".analysis.retrieval",
 }
 
 __all__ = [
@@ -86,6 +88,7 @@ __all__ = [
     "WeightsFormatError",
     "WeightsNotFoundError",
     "__version__",
+    "build_index",
     "combine",
     "extract",
     "extract_collection",
@@ -100,10 +103,12 @@ __all__ = [
     "pca_basis",
     "position_bias",
     "rotations",
+    "search",
     "shifts",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from .analysis.retrieval import build_index, search
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
     from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings
     from .ensemble import highres_features, output_shape, position_bias

@@ -237,17 +237,24 @@ def _computed(
             yield m, regions, sums
 
 
-def _ivfpq_factory(dim: int, n: int) -> tuple[str, int]:
-    """The IVF-PQ recipe for ``n`` vectors of ``dim``: ``(factory string, nlist)``.
+def _ivfpq_factory(dim: int, n: int) -> tuple[str, int, int]:
+    """The IVF-PQ recipe for ``n`` vectors of ``dim``: ``(factory string, nlist, training
+    vectors)``.
 
-    sqrt(n) inverted lists (a power of two), PQ with 8-bit codes of 8 dimensions each.
+    sqrt(n) inverted lists (a power of two), trained on 40 vectors a list (at least 39 * 256,
+    what an 8-bit PQ codebook wants); PQ codes of 8 dimensions each, of 8 bits, fewer when
+    there are too few vectors to train 256 centroids per sub-quantiser.
 
     >>> _ivfpq_factory(384, 1_000_000)
-    ('IVF1024,PQ48', 1024)
+    ('IVF1024,PQ48', 1024, 40960)
+    >>> _ivfpq_factory(16, 600)
+    ('IVF32,PQ2x4', 32, 600)
     """
     nlist = 2 ** max(4, round(math.log2(math.sqrt(max(n, 1)))))
+    train = min(n, max(_TRAIN_PER_LIST * nlist, 39 * 256))
+    nbits = int(np.clip(math.floor(math.log2(max(train, 1) / 39)), 4, 8))
     m = next(m for m in range(max(dim // 8, 1), 0, -1) if dim % m == 0)
-    return f"IVF{nlist},PQ{m}", nlist
+    return f"IVF{nlist},PQ{m}" + ("" if nbits == 8 else f"x{nbits}"), nlist, train
 
 
 class _Table:
@@ -351,9 +358,9 @@ def build_index(
         factory = "Flat"
         regions_index = faiss.IndexFlatIP(dim)
     else:
-        factory, nlist = _ivfpq_factory(dim, candidates)
+        factory, nlist, need = _ivfpq_factory(dim, candidates)
         regions_index = _trained(
-            faiss, factory, dim, nlist, members, order, options.region, batch, cache
+            faiss, factory, dim, nlist, need, members, order, options.region, batch, cache
         )
 
     if index.exists() and (index / _INDEX_JSON).exists():
@@ -415,9 +422,9 @@ def build_index(
     }
 
 
-def _trained(faiss, factory, dim, nlist, members, order, region, batch, cache):
-    """An IVF-PQ index trained on a seeded sample of blocks (kept in ``cache`` for adding)."""
-    need = max(_TRAIN_PER_LIST * nlist, 256 * 4)
+def _trained(faiss, factory, dim, nlist, need, members, order, region, batch, cache):
+    """An IVF-PQ index trained on ``need`` vectors from a seeded sample of blocks (kept in
+    ``cache`` for adding)."""
     picked = [int(n) for n in np.random.default_rng(_SEED).permutation(len(order))]
     vectors, got = [], 0
     for start in range(0, len(picked), batch):
