@@ -95,14 +95,14 @@ def _info(args) -> int:
 def _analysis(args) -> int:
     from pathlib import Path
 
+    from .analysis.collection import open_store
     from .analysis.registry import get_analysis
-    from .io.store import open_features
 
     analysis = get_analysis(args.command, "the command line")
     options = analysis.options.from_args(args)
     from .pipeline.faults import run_faults
 
-    features = open_features(args.store)
+    features = open_store(args.store)
     # a fault reading the store or writing the results: one line
     with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -177,7 +177,7 @@ def _add_analyses(sub) -> None:
 
     for name, analysis in ANALYSES.items():
         a = sub.add_parser(name, help=analysis.help)
-        a.add_argument("store", help="feature store (from `hrdv2 features`)")
+        a.add_argument("store", help="feature store or collection (from `hrdv2 features`)")
         analysis.options.add_arguments(a, positional=True)
         a.add_argument("out", help="output folder")
         analysis.options.add_arguments(a, positional=False)

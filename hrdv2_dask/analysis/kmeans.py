@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..config import Settings, option
+from ..config import option
 from ..errors import ConfigError, InputError
 from ..io import outputs
 from ._common import (
@@ -26,8 +27,19 @@ from ._common import (
     sklearn_missing,
     wrap,
 )
+from ._saved import save_fields
+from .collection import (
+    AcrossMembers,
+    check_settings,
+    draw_members,
+    feature_settings,
+    is_tree,
+    map_members,
+    member_arrays,
+    members,
+    write_members,
+)
 from .registry import register
-from .sampling import draw_pixels
 
 __all__ = ["MAX_CLUSTERS", "KMeansModel", "KMeansOptions", "fit_kmeans", "run_cluster"]
 
@@ -38,7 +50,7 @@ MAX_CLUSTERS = MAX_LABEL + 1
 
 
 @dataclass(frozen=True)
-class KMeansOptions(Settings):
+class KMeansOptions(AcrossMembers):
     """The options of :func:`fit_kmeans`, of the ``cluster`` workflow step and of
     ``hrdv2 cluster``."""
 
@@ -47,6 +59,9 @@ class KMeansOptions(Settings):
     k: int = option(6, "number of clusters", minimum=2, maximum=MAX_CLUSTERS, cli="-k")
     samples: int = option(100_000, "pixels sampled for the fit", minimum=2, api="n_samples")
     seed: int = option(0, "seed of the sample and of k-means", minimum=0)
+    save_model: str | None = option(
+        None, "also save the fitted model to this folder (hrdv2 apply uses it)", metavar="PATH"
+    )
 
     def _check_together(self) -> None:
         if self.samples < self.k:
@@ -81,11 +96,15 @@ class KMeansModel:
         Mean squared distance of the sample to its nearest centre.
     n_samples : int, optional
         Pixels the model was fitted on.
+    settings : dict, optional
+        The feature settings it was fitted on; :meth:`apply` refuses features made with other
+        ones.
     """
 
     centres: np.ndarray
     inertia: float = float("nan")
     n_samples: int = 0
+    settings: dict | None = None
 
     def __post_init__(self) -> None:
         centres = as_float32("centres", self.centres)
@@ -99,20 +118,25 @@ class KMeansModel:
         object.__setattr__(self, "centres", centres)
         object.__setattr__(self, "inertia", float(self.inertia))
         object.__setattr__(self, "n_samples", int(self.n_samples))
+        if self.settings is not None:
+            object.__setattr__(self, "settings", dict(self.settings))
 
     @property
     def k(self) -> int:
         return int(self.centres.shape[0])
 
-    def predict(self, features: xr.DataArray) -> xr.DataArray:
+    def predict(self, features: xr.DataArray | xr.DataTree) -> xr.DataArray | xr.DataTree:
         """Label of the nearest centre for every pixel, lazily (numpy, one task per chunk).
 
         Returns
         -------
-        xarray.DataArray
+        xarray.DataArray or xarray.DataTree
             ``(y, x)`` uint8 labels ``0 .. k-1`` (uint16 when ``k > 256``). Pixels with NaN
-            features get label 0.
+            features get label 0. For a collection a DataTree of them, one per member, with
+            the same labels for the same centres in every member.
         """
+        if is_tree(features):
+            return map_members(features, self.predict)
         features, data = feature_data(features)
         check_n_features("This k-means model", self.centres.shape[1], features)
         dtype = label_dtype(self.k - 1)
@@ -126,14 +150,27 @@ class KMeansModel:
         )
         return wrap(out, ("y", "x"), features, name="kmeans", attrs={"k": self.k})
 
+    def apply(self, features: xr.DataArray | xr.DataTree) -> xr.DataArray | xr.DataTree:
+        """:meth:`predict`, after checking that the features have the model's settings."""
+        check_settings(self.settings, features, "This k-means model")
+        return self.predict(features)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to the folder ``path`` (JSON + npz); :func:`~hrdv2_dask.load_model` reads it."""
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return save_fields(path, "kmeans", fields)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict; :meth:`from_dict` inverts it."""
-        return {
+        out = {
             "kind": "kmeans",
             "centres": self.centres.tolist(),
             "inertia": self.inertia,
             "n_samples": self.n_samples,
         }
+        if self.settings is not None:
+            out["settings"] = self.settings
+        return out
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> KMeansModel:
@@ -142,30 +179,39 @@ class KMeansModel:
 
 
 def fit_kmeans(
-    features: xr.DataArray,
+    features: xr.DataArray | xr.DataTree,
     *,
     k: int = KMeansOptions.k,
     n_samples: int = KMeansOptions.samples,
     seed: int = KMeansOptions.seed,
+    sample: str = KMeansOptions.sample,
+    images: tuple[str, ...] | None = KMeansOptions.images,
     max_chunks: int | None = 64,
 ) -> KMeansModel:
     """Cluster a random sample of pixels with mini-batch k-means.
+
+    On a collection the sample is drawn across the members (``sample``), so that one set of
+    centres labels them all: a label means the same in every image (co-segmentation).
 
     Uses scikit-learn's ``MiniBatchKMeans(init="k-means++", n_init=3, random_state=seed)``;
     the same seed gives the same centres and labels.
 
     Parameters
     ----------
-    features : xarray.DataArray
-        ``(feature, y, x)``, dask-backed.
+    features : xarray.DataArray or xarray.DataTree
+        ``(feature, y, x)``, dask-backed; or a collection.
     k : int, optional
         Number of clusters, 2 to :data:`MAX_CLUSTERS` (65536).
     n_samples : int, optional
         Pixels sampled (see :func:`~hrdv2_dask.analysis.sample_pixels`); must be >= ``k``.
     seed : int, optional
         Seed of the sample and of k-means.
+    sample : {"balanced", "proportional"}, optional
+        On a collection: as many pixels from each member, or in proportion to their pixels.
+    images : tuple of str, optional
+        On a collection: the member keys to fit on (default all).
     max_chunks : int or None, optional
-        Most ``(y, x)`` chunks read for the sample.
+        Most ``(y, x)`` chunks read for the sample (per member).
 
     Returns
     -------
@@ -178,21 +224,26 @@ def fit_kmeans(
     InputError
         Bad features, or fewer finite pixels than clusters.
     """
-    options = KMeansOptions(k=k, samples=n_samples, seed=seed)
+    options = KMeansOptions(k=k, samples=n_samples, seed=seed, sample=sample, images=images)
     return _fit_kmeans(features, options, max_chunks=max_chunks)
 
 
 def _fit_kmeans(
-    features: xr.DataArray, options: KMeansOptions, *, max_chunks: int | None = 64
+    features: xr.DataArray | xr.DataTree, options: KMeansOptions, *, max_chunks: int | None = 64
 ) -> KMeansModel:
-    features, data = feature_data(features)
+    mems = members(features, options.images)
+    datas = member_arrays(mems)
     k, seed = options.k, options.seed
     try:
         from sklearn.cluster import MiniBatchKMeans
     except ImportError as err:
         raise sklearn_missing(err) from err
-    x, _, _ = draw_pixels(
-        data, n=options.samples, seed=seed, max_chunks=check_max_chunks(max_chunks)
+    x, _, _, _ = draw_members(
+        datas,
+        n=options.samples,
+        seed=seed,
+        sample=options.sample,
+        max_chunks=check_max_chunks(max_chunks),
     )
     if len(x) < k:
         raise InputError(
@@ -207,20 +258,55 @@ def _fit_kmeans(
     centres = centres[np.argsort(-sizes, kind="stable")]
     inertia = float(((x - centres[_nearest(x, centres)]) ** 2).sum(axis=1).mean())
     log.info("k-means: k=%d on %d pixels, inertia %.4g", k, len(x), inertia)
-    return KMeansModel(centres=centres, inertia=inertia, n_samples=len(x))
-
-
-@register("cluster", KMeansOptions, help="k-means labels of a feature store", function=fit_kmeans)
-def run_cluster(options: KMeansOptions, features: xr.DataArray, out: Path) -> dict:
-    """Write ``clusters.zarr`` and ``clusters.png`` under ``out``; return their paths."""
-    out = Path(out)
-    model = _fit_kmeans(features, options)
-    labels = model.predict(features)
-    outputs.write_labels(
-        labels,
-        out / "clusters.zarr",
-        attrs={**run_attrs(options), **model.to_dict()},
-        overwrite=True,
+    return KMeansModel(
+        centres=centres,
+        inertia=inertia,
+        n_samples=len(x),
+        settings=feature_settings(mems[0][1]),
     )
-    outputs.write_png(labels, out / "clusters.png", palette=outputs.PALETTE)
-    return {"cluster": [str(out / "clusters.zarr"), str(out / "clusters.png")]}
+
+
+def write_clusters(
+    model: KMeansModel,
+    features: xr.DataArray | xr.DataTree,
+    out: str | os.PathLike,
+    *,
+    attrs: dict[str, Any] | None = None,
+    images: tuple[str, ...] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Write ``clusters.zarr`` and ``clusters.png`` under ``out`` (``out/<key>/`` per member
+    of a collection) and return their paths."""
+    check_settings(model.settings, features, "This k-means model")
+    attrs = {**(attrs or {}), **model.to_dict()}
+
+    def write_one(arr: xr.DataArray, folder: Path) -> dict:
+        labels = model.predict(arr)
+        outputs.write_labels(labels, folder / "clusters.zarr", attrs=attrs, overwrite=True)
+        outputs.write_png(labels, folder / "clusters.png", palette=outputs.PALETTE)
+        return {"cluster": [str(folder / "clusters.zarr"), str(folder / "clusters.png")]}
+
+    figures = {"k": model.k, "inertia": round(model.inertia, 6), **(extra or {})}
+    if not is_tree(features):
+        figures = dict(extra or {})  # one store: the files, as before
+    return write_members(
+        features, out, write_one, images=images, picture="clusters.png", figures=figures
+    )
+
+
+@register(
+    "cluster",
+    KMeansOptions,
+    help="k-means labels of a feature store or (co-segmentation) a collection",
+    function=fit_kmeans,
+)
+def run_cluster(options: KMeansOptions, features: xr.DataArray | xr.DataTree, out: Path) -> dict:
+    """Fit, then write ``clusters.zarr`` and ``clusters.png`` under ``out`` (per member for a
+    collection); return their paths."""
+    model = _fit_kmeans(features, options)
+    extra = {}
+    if options.save_model:
+        extra["model"] = str(model.save(options.save_model))
+    return write_clusters(
+        model, features, out, attrs=run_attrs(options), images=options.images, extra=extra
+    )

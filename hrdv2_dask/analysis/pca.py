@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any, ClassVar
 import numpy as np
 import xarray as xr
 
-from ..config import Settings, option
+from ..config import option
 from ..errors import ConfigError, InputError
 from ..heads import pca_basis
 from ..io import outputs
@@ -27,8 +28,19 @@ from ._common import (
     wrap,
     yx_coords,
 )
+from ._saved import save_fields
+from .collection import (
+    AcrossMembers,
+    check_settings,
+    draw_members,
+    feature_settings,
+    is_tree,
+    map_members,
+    member_arrays,
+    members,
+    write_members,
+)
 from .registry import register
-from .sampling import draw_pixels
 
 __all__ = ["PCAModel", "PCAOptions", "fit_pca", "pca_basis", "pca_rgb", "run_pca"]
 
@@ -38,7 +50,7 @@ _BORDER_FRACTION = 0.05  # outer band (per side) that defines "border" in the fo
 
 
 @dataclass(frozen=True)
-class PCAOptions(Settings):
+class PCAOptions(AcrossMembers):
     """The options of :func:`fit_pca`, of the ``pca`` workflow step and of ``hrdv2 pca``."""
 
     SECTION: ClassVar[str] = "pca"
@@ -47,6 +59,9 @@ class PCAOptions(Settings):
     foreground: bool = option(False, "two-step PCA without background")
     samples: int = option(100_000, "pixels sampled for the fit", minimum=2, api="n_samples")
     seed: int = option(0, "seed of the sample", minimum=0)
+    save_model: str | None = option(
+        None, "also save the fitted model to this folder (hrdv2 apply uses it)", metavar="PATH"
+    )
 
 
 def _project_block(
@@ -94,6 +109,9 @@ class PCAModel:
         ``projection <= fg_threshold``.
     n_samples : int, optional
         Pixels the components were fitted on.
+    settings : dict, optional
+        The feature settings it was fitted on (:func:`~hrdv2_dask.analysis.collection.
+        feature_settings`); :meth:`apply` refuses features made with other ones.
     """
 
     mean: np.ndarray
@@ -107,6 +125,7 @@ class PCAModel:
     fg_threshold: float | None = None
     fg_above: bool = True
     n_samples: int = 0
+    settings: dict | None = None
 
     def __post_init__(self) -> None:
         components = as_float32("components", self.components)
@@ -132,6 +151,8 @@ class PCAModel:
         object.__setattr__(self, "fg_above", bool(self.fg_above))
         object.__setattr__(self, "total_variance", float(self.total_variance))
         object.__setattr__(self, "n_samples", int(self.n_samples))
+        if self.settings is not None:
+            object.__setattr__(self, "settings", dict(self.settings))
 
     @property
     def n_components(self) -> int:
@@ -151,20 +172,23 @@ class PCAModel:
         """``(K,)`` share of the total variance along each component."""
         return self.explained_variance / max(self.total_variance, 1e-30)
 
-    def project(self, features: xr.DataArray) -> xr.DataArray:
+    def project(self, features: xr.DataArray | xr.DataTree) -> xr.DataArray | xr.DataTree:
         """Project every pixel onto the components, lazily (one task per chunk).
 
         Parameters
         ----------
-        features : xarray.DataArray
-            ``(feature, y, x)`` with ``C`` features.
+        features : xarray.DataArray or xarray.DataTree
+            ``(feature, y, x)`` with ``C`` features, or a collection (each member projected).
 
         Returns
         -------
-        xarray.DataArray
+        xarray.DataArray or xarray.DataTree
             ``(component, y, x)`` float32, dask-backed; NaN on background pixels of a
-            foreground model (and wherever a feature is NaN).
+            foreground model (and wherever a feature is NaN). A DataTree of them for a
+            collection.
         """
+        if is_tree(features):
+            return map_members(features, self.project)
         features, data = feature_data(features)
         check_n_features("This PCA model", self.n_features, features)
         fg = None
@@ -188,6 +212,16 @@ class PCAModel:
             extra_coords={"component": np.arange(self.n_components)},
         )
 
+    def apply(self, features: xr.DataArray | xr.DataTree) -> xr.DataArray | xr.DataTree:
+        """:meth:`project`, after checking that the features have the model's settings."""
+        check_settings(self.settings, features, "This PCA model")
+        return self.project(features)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to the folder ``path`` (JSON + npz); :func:`~hrdv2_dask.load_model` reads it."""
+        fields = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        return save_fields(path, "pca", fields)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict (lists of floats); :meth:`from_dict` inverts it."""
         out: dict[str, Any] = {
@@ -201,6 +235,8 @@ class PCAModel:
             "fg_above": self.fg_above,
             "n_samples": self.n_samples,
         }
+        if self.settings is not None:
+            out["settings"] = self.settings
         if self.foreground:
             out.update(
                 fg_mean=self.fg_mean.tolist(),
@@ -222,14 +258,16 @@ def _border_mask(pos: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def _split_foreground(
-    x: np.ndarray, pos: np.ndarray, grid: tuple[int, int], components: int
+    x: np.ndarray, border: np.ndarray, components: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """First step of the foreground recipe: which samples to keep, and the model's fg fields."""
+    """First step of the foreground recipe: which samples to keep, and the model's fg fields.
+
+    ``border`` says which samples lie in the outer band of their image's grid.
+    """
     fg_mean, fg_axis, _, _ = pca_basis(x, 1)
     score = (x - fg_mean) @ fg_axis[0]
     threshold = otsu_threshold(score)
     above = score > threshold
-    border = _border_mask(pos, grid)
     fg_above = bool((above[border] if border.any() else above).mean() < 0.5)
     keep = above if fg_above else ~above
     if keep.sum() < max(components + 1, 10):
@@ -249,15 +287,21 @@ def _split_foreground(
 
 
 def fit_pca(
-    features: xr.DataArray,
+    features: xr.DataArray | xr.DataTree,
     *,
     components: int = PCAOptions.components,
     n_samples: int = PCAOptions.samples,
     seed: int = PCAOptions.seed,
     foreground: bool = PCAOptions.foreground,
+    sample: str = PCAOptions.sample,
+    images: tuple[str, ...] | None = PCAOptions.images,
     max_chunks: int | None = 64,
 ) -> PCAModel:
-    """Fit a PCA on a random sample of pixels.
+    """Fit a PCA on a random sample of pixels (of one store, or across a collection).
+
+    On a collection the sample is drawn across its members (``sample``) and the one model
+    projects every member alike: the colours of :func:`pca_rgb` mean the same in every image.
+    The foreground recipe then finds one background for all members.
 
     With ``foreground=True`` the two-step recipe of the DINOv2 paper is used:
 
@@ -272,8 +316,9 @@ def fit_pca(
 
     Parameters
     ----------
-    features : xarray.DataArray
-        ``(feature, y, x)``, dask-backed.
+    features : xarray.DataArray or xarray.DataTree
+        ``(feature, y, x)``, dask-backed; or a collection from
+        :func:`~hrdv2_dask.open_collection`.
     components : int, optional
         Number of components ``K`` (1 to C; :func:`pca_rgb` needs 3).
     n_samples : int, optional
@@ -282,8 +327,12 @@ def fit_pca(
         Seed of the sample.
     foreground : bool, optional
         Separate foreground from background first (see above).
+    sample : {"balanced", "proportional"}, optional
+        On a collection: as many pixels from each member, or in proportion to their pixels.
+    images : tuple of str, optional
+        On a collection: the member keys to fit on (default all).
     max_chunks : int or None, optional
-        Most ``(y, x)`` chunks read for the sample.
+        Most ``(y, x)`` chunks read for the sample (per member).
 
     Returns
     -------
@@ -307,31 +356,47 @@ def fit_pca(
     >>> fit_pca(feats, components=3, n_samples=2000).components.shape
     (3, 8)
     """
-    options = PCAOptions(components=components, foreground=foreground, samples=n_samples, seed=seed)
+    options = PCAOptions(
+        components=components,
+        foreground=foreground,
+        samples=n_samples,
+        seed=seed,
+        sample=sample,
+        images=images,
+    )
     return _fit_pca(features, options, max_chunks=max_chunks)
 
 
 def _fit_pca(
-    features: xr.DataArray, options: PCAOptions, *, max_chunks: int | None = 64
+    features: xr.DataArray | xr.DataTree, options: PCAOptions, *, max_chunks: int | None = 64
 ) -> PCAModel:
-    features, data = feature_data(features)
-    n_feat = data.shape[0]
+    mems = members(features, options.images)
+    datas = member_arrays(mems)
+    n_feat = datas[0].shape[0]
     k = options.components
     if k > n_feat:
         raise ConfigError(
             f"components={k} is more than the {n_feat} features; use at most {n_feat}."
         )
-    x, pos, _ = draw_pixels(
-        data, n=options.samples, seed=options.seed, max_chunks=check_max_chunks(max_chunks)
+    x, pos, member, _ = draw_members(
+        datas,
+        n=options.samples,
+        seed=options.seed,
+        sample=options.sample,
+        max_chunks=check_max_chunks(max_chunks),
     )
     if len(x) < 2:
         raise InputError(
             f"Only {len(x)} finite pixel(s) could be sampled from features of shape "
-            f"{data.shape}; check the store for NaN (an incomplete run?)."
+            f"{datas[0].shape}; check the store for NaN (an incomplete run?)."
         )
     fg_fields: dict[str, Any] = {}
     if options.foreground:
-        keep, fg_fields = _split_foreground(x, pos, data.shape[1:], k)
+        border = np.zeros(len(x), dtype=bool)
+        for i, data in enumerate(datas):
+            sel = member == i
+            border[sel] = _border_mask(pos[sel], data.shape[1:])
+        keep, fg_fields = _split_foreground(x, border, k)
         x = x[keep]
     mean, comps, variance, total = pca_basis(x, k)
     projected = (x - mean) @ comps.T
@@ -344,6 +409,7 @@ def _fit_pca(
         hi=hi,
         total_variance=total,
         n_samples=len(x),
+        settings=feature_settings(mems[0][1]),
         **fg_fields,
     )
 
@@ -355,7 +421,7 @@ def _rgb_block(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(scaled, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def pca_rgb(features: xr.DataArray, model: PCAModel) -> xr.DataArray:
+def pca_rgb(features: xr.DataArray | xr.DataTree, model: PCAModel) -> xr.DataArray | xr.DataTree:
     """False-colour image of the first three PCA components, lazily.
 
     Each component is mapped linearly from the model's ``[lo, hi]`` (1st/99th percentile of
@@ -363,16 +429,18 @@ def pca_rgb(features: xr.DataArray, model: PCAModel) -> xr.DataArray:
 
     Parameters
     ----------
-    features : xarray.DataArray
-        ``(feature, y, x)`` features.
+    features : xarray.DataArray or xarray.DataTree
+        ``(feature, y, x)`` features, or a collection (a DataTree of pictures comes back).
     model : PCAModel
         A model with at least 3 components.
 
     Returns
     -------
-    xarray.DataArray
+    xarray.DataArray or xarray.DataTree
         ``(y, x, rgb)`` uint8, dask-backed, ``rgb`` coordinate ``["r", "g", "b"]``.
     """
+    if is_tree(features):
+        return map_members(features, lambda arr: pca_rgb(arr, model))
     if model.n_components < 3:
         raise ConfigError(
             f"pca_rgb needs a PCA model with >= 3 components, got {model.n_components}; fit it "
@@ -395,30 +463,53 @@ def pca_rgb(features: xr.DataArray, model: PCAModel) -> xr.DataArray:
     )
 
 
+def write_pca(
+    model: PCAModel,
+    features: xr.DataArray | xr.DataTree,
+    out: str | os.PathLike,
+    *,
+    attrs: dict[str, Any] | None = None,
+    images: tuple[str, ...] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Write a fitted model's ``pca.zarr`` (and with >= 3 components ``pca.ome.zarr`` and
+    ``pca.png``) under ``out``, or under ``out/<key>/`` for each member of a collection."""
+    check_settings(model.settings, features, "This PCA model")
+    attrs = {**(attrs or {}), **model.to_dict()}
+
+    def write_one(arr: xr.DataArray, folder: Path) -> dict:
+        written = [folder / "pca.zarr"]
+        if model.n_components >= 3:
+            rgb = pca_rgb(arr, model)
+            outputs.write_ome_pyramid(rgb, folder / "pca.ome.zarr", overwrite=True)
+            outputs.write_png(rgb, folder / "pca.png")
+            written += [folder / "pca.ome.zarr", folder / "pca.png"]
+        outputs.write_array(model.project(arr), folder / "pca.zarr", attrs=attrs, overwrite=True)
+        return {"pca": [str(p) for p in written]}
+
+    figures = {
+        "explained_variance_ratio": [round(float(v), 4) for v in model.explained_variance_ratio],
+        **(extra or {}),
+    }
+    return write_members(
+        features, out, write_one, images=images, picture="pca.png", figures=figures
+    )
+
+
 @register(
     "pca",
     PCAOptions,
-    help="PCA picture (OME-Zarr pyramid + PNG) of a feature store",
+    help="PCA picture (OME-Zarr pyramid + PNG) of a feature store or a collection",
     function=fit_pca,
 )
-def run_pca(options: PCAOptions, features: xr.DataArray, out: Path) -> dict:
-    """Write ``pca.zarr`` (the projection) and, with >= 3 components, ``pca.ome.zarr`` and
-    ``pca.png`` under ``out``; return their paths and the explained variance ratios."""
-    out = Path(out)
+def run_pca(options: PCAOptions, features: xr.DataArray | xr.DataTree, out: Path) -> dict:
+    """Fit, then write ``pca.zarr`` and, with >= 3 components, ``pca.ome.zarr`` and ``pca.png``
+    under ``out`` (per member for a collection); return their paths and the explained variance
+    ratios."""
     model = _fit_pca(features, options)
-    written = [out / "pca.zarr"]
-    if model.n_components >= 3:
-        rgb = pca_rgb(features, model)
-        outputs.write_ome_pyramid(rgb, out / "pca.ome.zarr", overwrite=True)
-        outputs.write_png(rgb, out / "pca.png")
-        written += [out / "pca.ome.zarr", out / "pca.png"]
-    outputs.write_array(
-        model.project(features),
-        out / "pca.zarr",
-        attrs={**run_attrs(options), **model.to_dict()},
-        overwrite=True,
+    extra = {}
+    if options.save_model:
+        extra["model"] = str(model.save(options.save_model))
+    return write_pca(
+        model, features, out, attrs=run_attrs(options), images=options.images, extra=extra
     )
-    return {
-        "pca": [str(p) for p in written],
-        "explained_variance_ratio": [round(float(v), 4) for v in model.explained_variance_ratio],
-    }

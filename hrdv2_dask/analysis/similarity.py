@@ -11,10 +11,11 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..config import Settings, option
+from ..config import option
 from ..errors import ConfigError, InputError
 from ..io import outputs
 from ._common import feature_data, run_attrs, wrap
+from .collection import MemberOptions, is_tree, map_members, write_members
 from .registry import register
 
 __all__ = ["SimilarityOptions", "run_similarity", "similarity"]
@@ -30,7 +31,7 @@ def _non_empty(value: tuple) -> str | None:
 
 
 @dataclass(frozen=True)
-class SimilarityOptions(Settings):
+class SimilarityOptions(MemberOptions):
     """The options of :func:`similarity`, of the ``similarity`` workflow step and of
     ``hrdv2 similarity``: exactly one of ``points`` and ``box``, in output cells."""
 
@@ -116,20 +117,23 @@ def similarity(
     *,
     points: Sequence[tuple[int, int]] | np.ndarray | None = SimilarityOptions.points,
     box: tuple[int, int, int, int] | np.ndarray | None = SimilarityOptions.box,
+    images: tuple[str, ...] | None = SimilarityOptions.images,
     dtype: str | np.dtype = "float32",
-) -> xr.DataArray:
+) -> xr.DataArray | xr.DataTree:
     """Cosine similarity of every pixel to the mean feature of some query pixels, lazily.
 
     Parameters
     ----------
-    features : xarray.DataArray
-        ``(feature, y, x)`` features.
+    features : xarray.DataArray or xarray.DataTree
+        ``(feature, y, x)`` features, or a collection: each member's map to its own query.
     points : sequence of (int, int), optional
         Query output cells ``(y, x)`` (grid indices, not source pixels: divide by
         ``out_stride``); also an ``(n, 2)`` integer array.
     box : (int, int, int, int), optional
         Query rectangle ``(y0, x0, y1, x1)`` of output cells, half-open. Give exactly one of
         ``points`` and ``box``.
+    images : tuple of str, optional
+        On a collection: the member keys (default all).
     dtype : str or numpy.dtype, optional
         ``"float32"`` or ``"float16"``; computations are float32 either way.
 
@@ -154,13 +158,20 @@ def similarity(
     >>> sim.dims, round(float(sim.min()), 4)
     (('y', 'x'), 1.0)
     """
-    options = SimilarityOptions(points=points, box=box)
+    options = SimilarityOptions(points=points, box=box, images=images)
     return _similarity(features, options, dtype=dtype)
 
 
 def _similarity(
-    features: xr.DataArray, options: SimilarityOptions, *, dtype: str | np.dtype = "float32"
-) -> xr.DataArray:
+    features: xr.DataArray | xr.DataTree,
+    options: SimilarityOptions,
+    *,
+    dtype: str | np.dtype = "float32",
+) -> xr.DataArray | xr.DataTree:
+    if is_tree(features):
+        return map_members(
+            features, lambda arr: _similarity(arr, options, dtype=dtype), options.images
+        )
     features, data = feature_data(features)
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
@@ -194,10 +205,18 @@ def _similarity(
 @register(
     "similarity", SimilarityOptions, help="cosine similarity to query pixels", function=similarity
 )
-def run_similarity(options: SimilarityOptions, features: xr.DataArray, out: Path) -> dict:
-    """Write ``similarity.zarr`` (float16) and ``similarity.png`` under ``out``."""
-    out = Path(out)
-    sim = _similarity(features, options, dtype="float16")
-    outputs.write_array(sim, out / "similarity.zarr", attrs=run_attrs(options), overwrite=True)
-    outputs.write_png(sim, out / "similarity.png")
-    return {"similarity": [str(out / "similarity.zarr"), str(out / "similarity.png")]}
+def run_similarity(
+    options: SimilarityOptions, features: xr.DataArray | xr.DataTree, out: Path
+) -> dict:
+    """Write ``similarity.zarr`` (float16) and ``similarity.png`` under ``out`` (per member
+    for a collection, each to its own query)."""
+
+    def write_one(arr: xr.DataArray, folder: Path) -> dict:
+        sim = _similarity(arr, options, dtype="float16")
+        outputs.write_array(
+            sim, folder / "similarity.zarr", attrs=run_attrs(options), overwrite=True
+        )
+        outputs.write_png(sim, folder / "similarity.png")
+        return {"similarity": [str(folder / "similarity.zarr"), str(folder / "similarity.png")]}
+
+    return write_members(features, out, write_one, images=options.images, picture="similarity.png")

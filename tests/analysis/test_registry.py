@@ -102,8 +102,9 @@ def test_option_defaults_are_the_python_keyword_defaults(name):
             continue
         assert param.kind is inspect.Parameter.KEYWORD_ONLY, keyword
         assert param.default == defaults[field], keyword
-    # the labels array is a positional argument; proba is Segmenter.predict's
-    assert not_keywords <= {"labels", "proba"}
+    # the labels array is a positional argument; proba is Segmenter.predict's; save_model the
+    # model's save(path)
+    assert not_keywords <= {"labels", "proba", "save_model"}
     if "labels" in defaults:
         assert params["labels"].default is inspect.Parameter.empty
 
@@ -161,6 +162,10 @@ def test_register_refuses_a_taken_name_or_another_section():
     assert sorted(an.ANALYSES) == NAMES
 
 
+FIT = ("--images", "--sample")  # every analysis that fits, on a collection
+SEGMENT = ("--train", "--test", "--save-model")
+
+
 def _parse(name: str, argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(exit_on_error=False)
     an.ANALYSES[name].options.add_arguments(parser)
@@ -170,10 +175,10 @@ def _parse(name: str, argv: list[str]) -> tuple[argparse.ArgumentParser, argpars
 @pytest.mark.parametrize(
     "name, flags",
     [
-        ("pca", {"--components", "--foreground", "--samples", "--seed"}),
-        ("cluster", {"-k", "--samples", "--seed"}),
-        ("similarity", {"--point", "--box"}),
-        ("segment", {"--method", "--holdout", "--seed", "--proba"}),
+        ("pca", {"--components", "--foreground", "--samples", "--seed", *FIT, "--save-model"}),
+        ("cluster", {"-k", "--samples", "--seed", *FIT, "--save-model"}),
+        ("similarity", {"--point", "--box", "--images"}),
+        ("segment", {"--method", "--holdout", "--seed", "--proba", *FIT, *SEGMENT}),
     ],
 )
 def test_command_line_flags_are_todays(name, flags):
