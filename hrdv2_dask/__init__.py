@@ -58,6 +58,11 @@ _EXPORTS = {
     "extract": ".pipeline.extraction",
     "extract_collection": ".pipeline.collection",
     "open_collection": ".io.collection",
+    "KMeansModel": ".analysis",
+    "PCAModel": ".analysis",
+    "Segmenter": ".analysis",
+    "apply_model": ".analysis",
+    "load_model": ".analysis",
     "build_index": ".analysis.retrieval",
     "search": ".analysis.retrieval",
 }
@@ -75,11 +80,14 @@ __all__ = [
     "ImageMeta",
     "IncompleteStoreError",
     "InputError",
+    "KMeansModel",
     "LinearHead",
     "MeanPool",
     "MissingExtraError",
+    "PCAModel",
     "RandomWeightsWarning",
     "Rotate",
+    "Segmenter",
     "Shift",
     "SlurmSettings",
     "SourceNotFoundError",
@@ -88,6 +96,7 @@ __all__ = [
     "WeightsFormatError",
     "WeightsNotFoundError",
     "__version__",
+    "apply_model",
     "build_index",
     "combine",
     "extract",
@@ -95,6 +104,7 @@ __all__ = [
     "flips",
     "highres_features",
     "load_backbone",
+    "load_model",
     "normalize",
     "open_collection",
     "open_features",
@@ -108,6 +118,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from .analysis import KMeansModel, PCAModel, Segmenter, apply_model, load_model
     from .analysis.retrieval import build_index, search
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
     from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings

@@ -1,4 +1,5 @@
-"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|index|search|run|demo``.
+"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|apply|index|search|run``
+and ``hrdv2 demo``.
 
 Each subcommand parses its arguments, builds the options and calls one public function. Errors
 that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr; a
@@ -150,6 +151,23 @@ def _add_retrieval(sub) -> None:
     s.set_defaults(func=_search)
 
 
+def _apply(args) -> int:
+    from pathlib import Path
+
+    from .analysis.collection import open_store
+    from .analysis.models import ApplyOptions, apply_model
+    from .pipeline.faults import run_faults
+
+    options = ApplyOptions.from_args(args)
+    features = open_store(args.store)
+    with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
+        result = apply_model(
+            args.model, features, Path(args.out), images=options.images, proba=options.proba
+        )
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def _run(args) -> int:
     from .workflows import run_workflow
 
@@ -206,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_analyses(sub)
     _add_retrieval(sub)
+
+    from .analysis.models import ApplyOptions
+
+    m = sub.add_parser("apply", help="apply a saved model (--save-model) to a store or collection")
+    m.add_argument("model", help="model folder (from pca, cluster or segment --save-model)")
+    m.add_argument("store", help="feature store or collection with the model's feature settings")
+    m.add_argument("out", help="output folder")
+    ApplyOptions.add_arguments(m)
+    m.set_defaults(func=_apply)
 
     r = sub.add_parser("run", help="run a workflow YAML file")
     r.add_argument("workflow")

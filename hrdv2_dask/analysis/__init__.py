@@ -1,7 +1,9 @@
 """Analysis of feature stores: PCA colour maps, k-means, similarity maps, scribble segmentation.
 
 Every function takes a ``(feature, y, x)`` :class:`xarray.DataArray` such as the one returned by
-:func:`hrdv2_dask.io.store.open_features` and works chunk by chunk:
+:func:`hrdv2_dask.io.store.open_features`, or a collection (the :class:`xarray.DataTree` of
+:func:`hrdv2_dask.open_collection`: one sample across its members, one model applied to each,
+see :mod:`.collection`), and works chunk by chunk:
 
 * **fitting** (:func:`fit_pca`, :func:`fit_kmeans`, :func:`fit_segmenter`) reads a bounded,
   seeded random sample of pixels (:func:`sample_pixels`), never the whole store;
@@ -17,7 +19,9 @@ fitted scikit-learn estimator. scikit-learn is needed only by :func:`fit_kmeans`
 Each analysis module defines its options once (:class:`PCAOptions`, :class:`KMeansOptions`,
 :class:`SimilarityOptions`, :class:`SegmentOptions`: the YAML keys, command-line flags and
 Python keywords with their limits) and registers a run function in :data:`ANALYSES`
-(:mod:`.registry`). Adding an analysis is one module plus its import below.
+(:mod:`.registry`). Adding an analysis is one module plus its import below. Fitted models are
+saved with ``model.save(path)`` (or ``--save-model``) and read back by :func:`load_model`
+(:mod:`.models`); ``model.apply(features_or_tree)`` refuses features made with other settings.
 
 Examples
 --------
@@ -33,7 +37,9 @@ Examples
 ['cluster', 'pca', 'segment', 'similarity']
 """
 
+from .collection import AcrossMembers, MemberOptions, draw_members, open_store
 from .kmeans import MAX_CLUSTERS, KMeansModel, KMeansOptions, fit_kmeans
+from .models import ApplyOptions, apply_model, load_model
 from .pca import PCAModel, PCAOptions, fit_pca, pca_basis, pca_rgb
 from .registry import ANALYSES, Analysis, get_analysis, register
 from .sampling import sample_pixels
@@ -43,18 +49,25 @@ from .similarity import SimilarityOptions, similarity
 __all__ = [
     "ANALYSES",
     "MAX_CLUSTERS",
+    "AcrossMembers",
     "Analysis",
+    "ApplyOptions",
     "KMeansModel",
     "KMeansOptions",
+    "MemberOptions",
     "PCAModel",
     "PCAOptions",
     "SegmentOptions",
     "Segmenter",
     "SimilarityOptions",
+    "apply_model",
+    "draw_members",
     "fit_kmeans",
     "fit_pca",
     "fit_segmenter",
     "get_analysis",
+    "load_model",
+    "open_store",
     "pca_basis",
     "pca_rgb",
     "register",

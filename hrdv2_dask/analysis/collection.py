@@ -330,6 +330,7 @@ def draw_members(
     masks: Sequence[da.Array | None] | None = None,
     values: Sequence[da.Array | None] | None = None,
     max_chunks: int | None = 64,
+    counts: Sequence[np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """Random pixels drawn across members: features, positions, member index, values.
 
@@ -337,6 +338,8 @@ def draw_members(
     pixels as before collections existed). With several, :func:`allocate` shares ``n`` between
     them by their selectable pixels (``masks``) and each member is drawn with its own seed
     ``(seed, index)``, reading at most ``max_chunks`` of its chunks; the result is shuffled.
+    ``counts`` are the members' :func:`~hrdv2_dask.analysis.sampling.count_chunk_pixels`
+    when already known.
 
     Returns
     -------
@@ -355,9 +358,11 @@ def draw_members(
             mask=masks[0],
             values=None if values is None else values[0],
             max_chunks=max_chunks,
+            counts=None if counts is None else counts[0],
         )
         return x, pos, np.zeros(len(x), np.int64), vals
-    counts = [count_chunk_pixels(d, m) for d, m in zip(datas, masks, strict=True)]
+    if counts is None:
+        counts = [count_chunk_pixels(d, m) for d, m in zip(datas, masks, strict=True)]
     totals = [int(c.sum()) for c in counts]
     if not any(totals):
         raise InputError(

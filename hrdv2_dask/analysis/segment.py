@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -12,7 +14,7 @@ import numpy as np
 import xarray as xr
 
 from .._checks import as_int
-from ..config import Settings, option
+from ..config import option
 from ..errors import ConfigError, InputError
 from ..io import outputs
 from ..io.readers import open_image
@@ -24,6 +26,21 @@ from ._common import (
     run_attrs,
     sklearn_missing,
     wrap,
+)
+from ._saved import save_fields
+from .collection import (
+    KEYS,
+    AcrossMembers,
+    all_keys,
+    check_keys,
+    check_settings,
+    draw_members,
+    feature_settings,
+    is_tree,
+    map_members,
+    member_data,
+    members,
+    write_members,
 )
 from .registry import register
 from .sampling import count_chunk_pixels, draw_pixels
@@ -46,33 +63,58 @@ def _fraction(value: float) -> str | None:
 
 
 @dataclass(frozen=True)
-class SegmentOptions(Settings):
+class SegmentOptions(AcrossMembers):
     """The options of :func:`fit_segmenter`, of the ``segment`` workflow step and of
-    ``hrdv2 segment`` (``labels`` is a path there, an array in Python)."""
+    ``hrdv2 segment`` (``labels`` is a path there, an array or a mapping in Python)."""
 
     SECTION: ClassVar[str] = "segment"
 
     labels: str | None = option(
         None,
-        "label image (PNG/TIFF/Zarr), 0 = unlabelled (in Python also a (y, x) array)",
+        "label image (PNG/TIFF/Zarr), 0 = unlabelled; for a collection a label stack (one "
+        "plane per member, in key order) or a folder of label images named by key (in Python "
+        "also a (y, x) array, or a {key: array} mapping)",
         positional=True,
         python_value=_is_label_array,
     )
     method: str = option("random_forest", "pixel classifier", choices=_SEGMENTER_METHODS)
     holdout: float = option(
         0.2,
-        "share of the labelled pixels kept out of training to measure accuracy",
+        "one store: share of the labelled pixels kept out of training to measure accuracy (a "
+        "collection is scored on its --test members instead)",
         check=_fraction,
         fix="E.g. 0.2 keeps a fifth of them for the holdout accuracy; 0 keeps none.",
     )
     seed: int = option(0, "seed of the pixel draw, the holdout split and the forest", minimum=0)
     proba: bool = option(False, "also write per-class probabilities")
+    train: tuple[str, ...] | None = option(
+        None,
+        "on a collection: the members trained on (default: every member with labels but the "
+        "--test ones)",
+        metavar=KEYS,
+        fix="Give member keys, e.g. [z000, z001] (on the command line --train z000,z001).",
+    )
+    test: tuple[str, ...] | None = option(
+        None,
+        "on a collection: members held out of training and scored on their labelled pixels",
+        metavar=KEYS,
+        fix="Give member keys, e.g. [z004] (on the command line --test z004).",
+    )
+    save_model: str | None = option(
+        None, "also save the trained model to this folder (hrdv2 apply uses it)", metavar="PATH"
+    )
 
     def _check_together(self) -> None:
         if self.labels is None:
             raise ConfigError(
                 "segment needs labels: PATH (a sparse label image: 0 = unlabelled, 1, 2, ... "
                 "= classes)."
+            )
+        both = set(self.train or ()) & set(self.test or ())
+        if both:
+            raise ConfigError(
+                f"segment.train and segment.test share members {sorted(both)}; a test member "
+                "must be held out of training."
             )
 
 
@@ -188,6 +230,9 @@ class Segmenter:
         Fitted scikit-learn classifier (``predict``/``predict_proba`` on ``(n, C)`` float32).
     classes : tuple of int
         Label values of the classes, ascending (the ``class`` axis of probabilities).
+    settings : dict, optional
+        The feature settings it was trained on; :meth:`apply` refuses features made with
+        other ones.
     method : str
         ``"random_forest"`` or ``"logistic"``.
     n_features : int
@@ -202,6 +247,7 @@ class Segmenter:
     classes: tuple[int, ...]
     method: str
     n_features: int
+    settings: dict | None = None
 
     def __post_init__(self) -> None:
         if self.method not in _SEGMENTER_METHODS:
@@ -213,14 +259,19 @@ class Segmenter:
             )
         object.__setattr__(self, "classes", classes)
         object.__setattr__(self, "n_features", int(self.n_features))
+        if self.settings is not None:
+            object.__setattr__(self, "settings", dict(self.settings))
 
-    def predict(self, features: xr.DataArray, *, proba: bool = False) -> xr.DataArray:
+    def predict(
+        self, features: xr.DataArray | xr.DataTree, *, proba: bool = False
+    ) -> xr.DataArray | xr.DataTree:
         """Classify every pixel, lazily (one task per chunk).
 
         Parameters
         ----------
-        features : xarray.DataArray
-            ``(feature, y, x)`` with the same features as training.
+        features : xarray.DataArray or xarray.DataTree
+            ``(feature, y, x)`` with the same features as training, or a collection (a
+            DataTree of results, one per member, comes back).
         proba : bool, optional
             Return class probabilities instead of labels.
 
@@ -231,6 +282,8 @@ class Segmenter:
             uint8 (uint16 for labels > 255); or with ``proba=True`` ``(class, y, x)`` float16
             probabilities (0 where a feature is NaN).
         """
+        if is_tree(features):
+            return map_members(features, lambda arr: self.predict(arr, proba=proba))
         features, data = feature_data(features)
         check_n_features("This segmenter", self.n_features, features)
         n_cls = len(self.classes)
@@ -273,6 +326,34 @@ class Segmenter:
             attrs={"method": self.method, "classes": list(self.classes)},
         )
 
+    def apply(
+        self, features: xr.DataArray | xr.DataTree, *, proba: bool = False
+    ) -> xr.DataArray | xr.DataTree:
+        """:meth:`predict`, after checking that the features have the model's settings."""
+        check_settings(self.settings, features, "This segmenter")
+        return self.predict(features, proba=proba)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to the folder ``path`` (JSON, and the estimator with skops: no pickle);
+        :func:`~hrdv2_dask.load_model` reads it."""
+        fields = {
+            "classes": list(self.classes),
+            "method": self.method,
+            "n_features": self.n_features,
+            "settings": self.settings,
+        }
+        return save_fields(path, "segmenter", fields, estimator=self.estimator)
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the model is, without the estimator (for attrs and summaries)."""
+        return {
+            "kind": "segmenter",
+            "classes": list(self.classes),
+            "method": self.method,
+            "n_features": self.n_features,
+            **({"settings": self.settings} if self.settings is not None else {}),
+        }
+
 
 def _make_estimator(method: str, seed: int) -> Any:
     """The scikit-learn classifier for ``method`` (one table, strings parsed only here)."""
@@ -298,36 +379,56 @@ def _make_estimator(method: str, seed: int) -> Any:
 
 
 def fit_segmenter(
-    features: xr.DataArray,
+    features: xr.DataArray | xr.DataTree,
     labels: Any,
     *,
     method: str = SegmentOptions.method,
     holdout: float = SegmentOptions.holdout,
     seed: int = SegmentOptions.seed,
+    sample: str = SegmentOptions.sample,
+    images: tuple[str, ...] | None = SegmentOptions.images,
+    train: tuple[str, ...] | None = SegmentOptions.train,
+    test: tuple[str, ...] | None = SegmentOptions.test,
     max_samples: int = 200_000,
     label_reduce: str = "mode",
 ) -> tuple[Segmenter, dict[str, Any]]:
-    """Train a pixel classifier on scribbles (sparse labels).
+    """Train a pixel classifier on scribbles (sparse labels), on one store or a collection.
+
+    On a collection the classifier is trained once, on labelled pixels drawn across the
+    ``train`` members (``sample``), and scored on the labelled pixels of the ``test`` members,
+    which it never saw: the honest measure of how it does on the images it is applied to.
 
     Parameters
     ----------
-    features : xarray.DataArray
-        ``(feature, y, x)`` features.
-    labels : array_like of int
+    features : xarray.DataArray or xarray.DataTree
+        ``(feature, y, x)`` features, or a collection from :func:`~hrdv2_dask.open_collection`.
+    labels : array_like of int, mapping or path
         ``(y, x)`` labels (numpy, dask or DataArray): 0 (or negative) = unlabelled, 1, 2, ... =
         classes. Either at the feature grid resolution, or at image resolution ``(H, W)`` with
         ``ceil(H / out_stride), ceil(W / out_stride)`` equal to the grid
-        (``out_stride = features.attrs.get("out_stride", 1)``).
+        (``out_stride = features.attrs.get("out_stride", 1)``). For a collection: a mapping
+        ``key -> labels`` (members without an entry are unlabelled), an ``(n, y, x)`` stack
+        with one plane per member of the collection's table (key order), or a path to such a
+        stack or to a folder of label images named by key (``z003.png``).
     method : {"random_forest", "logistic"}, optional
         Random forest (100 trees) or standardised logistic regression.
     holdout : float, optional
-        Share of the labelled pixels kept out of training to measure accuracy, in ``[0, 1)``.
-        They are drawn at random, so neighbours of training pixels: expect the holdout
-        accuracy to be optimistic for thin scribbles.
+        One store: share of the labelled pixels kept out of training to measure accuracy, in
+        ``[0, 1)``. They are drawn at random, so neighbours of training pixels: expect the
+        holdout accuracy to be optimistic for thin scribbles. Not used on a collection.
     seed : int, optional
         Seed of the pixel draw, the holdout split and the forest.
+    sample : {"balanced", "proportional"}, optional
+        On a collection: as many labelled pixels from each training member, or in proportion
+        to their labelled pixels.
+    images : tuple of str, optional
+        On a collection: the members considered (default all).
+    train, test : tuple of str, optional
+        On a collection: the members trained on (default: every member with labels that is not
+        in ``test``) and the members held out and scored.
     max_samples : int, optional
-        Most labelled pixels used (a uniform random subset when there are more).
+        Most labelled pixels used for training (a uniform random subset when there are more),
+        and most scored on the test members.
     label_reduce : {"mode", "nearest"}, optional
         How image-resolution labels become one label per output cell: the most frequent
         non-zero label of the cell (thin scribbles survive), or the label of the pixel at the
@@ -338,18 +439,32 @@ def fit_segmenter(
     segmenter : Segmenter
     report : dict
         ``train_accuracy``, ``holdout_accuracy`` (None without holdout pixels),
-        ``n_labelled`` (labelled cells in the whole grid), ``n_train``, ``n_holdout``,
-        ``classes`` (label values) and ``method``.
+        ``n_labelled`` (labelled cells in the training grids), ``n_train``, ``n_holdout``,
+        ``classes`` (label values) and ``method``. On a collection also ``train`` and ``test``
+        (keys), ``test_accuracy``, ``iou`` (per class), ``mean_iou`` (over the classes in the
+        test labels), ``n_test`` and ``test_accuracy_per_member`` (None values without test
+        members).
 
     Raises
     ------
     InputError
-        Labels of the wrong shape (both shapes named) or dtype, or fewer than two classes.
+        Labels of the wrong shape (both shapes named) or dtype, or fewer than two classes; on
+        a collection an unknown key, a stack with another number of planes than members, a
+        test member without labels.
     ConfigError
         Unknown ``method`` or ``label_reduce``, ``holdout`` outside ``[0, 1)`` (the messages
         of :class:`SegmentOptions` for its options).
     """
-    options = SegmentOptions(labels=labels, method=method, holdout=holdout, seed=seed)
+    options = SegmentOptions(
+        labels=labels,
+        method=method,
+        holdout=holdout,
+        seed=seed,
+        sample=sample,
+        images=images,
+        train=train,
+        test=test,
+    )
     return _fit_segmenter(
         features, labels, options, max_samples=max_samples, label_reduce=label_reduce
     )
@@ -381,8 +496,17 @@ def _training_sample(
     return x, y.astype(np.int64), n_labelled
 
 
+def _stride(features: xr.DataArray) -> int:
+    return as_int(
+        "features.attrs['out_stride']",
+        features.attrs.get("out_stride", 1),
+        1,
+        "fix the store attributes",
+    )
+
+
 def _fit_segmenter(
-    features: xr.DataArray,
+    features: xr.DataArray | xr.DataTree,
     labels: Any,
     options: SegmentOptions,
     *,
@@ -392,14 +516,19 @@ def _fit_segmenter(
     if label_reduce not in _LABEL_REDUCERS:
         raise ConfigError(f"label_reduce must be one of {_LABEL_REDUCERS}, got {label_reduce!r}.")
     max_samples = as_int("max_samples", max_samples, 2, "use e.g. max_samples=200_000")
+    if is_tree(features):
+        return _fit_collection(
+            features, labels, options, max_samples=max_samples, label_reduce=label_reduce
+        )
+    for name in ("images", "train", "test"):
+        if getattr(options, name):
+            raise InputError(
+                f"segment.{name}={list(getattr(options, name))} selects members of a "
+                "collection, but the features are one store; drop it, or pass a collection."
+            )
     method, seed = options.method, options.seed
     features, data = feature_data(features)
-    stride = as_int(
-        "features.attrs['out_stride']",
-        features.attrs.get("out_stride", 1),
-        1,
-        "fix the store attributes",
-    )
+    stride = _stride(features)
     grid_labels = _labels_on_grid(labels, data, stride, label_reduce)
     x, y, n_labelled = _training_sample(data, grid_labels, seed=seed, max_samples=max_samples)
     order = np.random.default_rng([seed, 1]).permutation(len(x))
@@ -427,36 +556,288 @@ def _fit_segmenter(
     }
     log.info("segmenter %s: %s", method, report)
     segmenter = Segmenter(
-        estimator=estimator, classes=classes, method=method, n_features=int(data.shape[0])
+        estimator=estimator,
+        classes=classes,
+        method=method,
+        n_features=int(data.shape[0]),
+        settings=feature_settings(features),
     )
     return segmenter, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Train once on a collection, score on held-out members
+# ---------------------------------------------------------------------------------------------
+
+
+def _label_files(folder: Path, keys: list[str]) -> dict[str, Path]:
+    """``key -> label image`` in ``folder`` (files named by key, any image extension)."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        key = path.name.split(".")[0]
+        if key not in keys:
+            raise InputError(
+                f"Label file {str(path)!r} is named after no member of the collection; name "
+                f"label images by member key ({keys[:4]}{'...' if len(keys) > 4 else ''})."
+            )
+        if key in found:
+            raise InputError(
+                f"Two label files for member {key!r} in {str(folder)!r}: {found[key].name} "
+                f"and {path.name}; keep one."
+            )
+        found[key] = path
+    if not found:
+        raise InputError(f"The label folder {str(folder)!r} holds no label image.")
+    return found
+
+
+def _stack_planes(arr: Any, keys: list[str], what: str) -> dict[str, Any]:
+    n = int(arr.shape[0])
+    if n != len(keys):
+        raise InputError(
+            f"The label stack {what} has {n} planes but the collection has {len(keys)} members "
+            f"({keys[0]} ... {keys[-1]}); give one plane per member, in key order, or a folder "
+            "of label images named by key."
+        )
+    return {key: arr[i] for i, key in enumerate(keys)}
+
+
+def collection_labels(tree: xr.DataTree, labels: Any) -> dict[str, Any]:
+    """The label plane of each labelled member: ``key -> (y, x)`` array (lazy where possible).
+
+    ``labels`` is a mapping, an ``(n, y, x)`` array (one plane per member of the table), or a
+    path to a label stack (TIFF, .npy, Zarr; one plane per member) or to a folder of label
+    images named by key.
+    """
+    keys = all_keys(tree)
+    if isinstance(labels, Mapping):
+        check_keys(tree, [str(k) for k in labels], "Labels for member")
+        return {str(k): v for k, v in labels.items()}
+    if isinstance(labels, str | os.PathLike):
+        path = Path(labels)
+        if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zarray").exists():
+            files = _label_files(path, keys)
+            check_keys(tree, list(files), "Label file for member")
+            return {key: open_image(p)[0][..., 0] for key, p in files.items()}
+        try:
+            first = open_image(path, axes="ZYX", plane=0)
+        except InputError:
+            single, _ = open_image(path)
+            return _stack_planes(single[..., 0][None], keys, repr(str(path)))
+        planes = int(first.meta.planes or 1)
+        if planes != len(keys):
+            return _stack_planes(np.empty((planes, 0)), keys, repr(str(path)))
+        return {key: open_image(path, axes="ZYX", plane=i)[0][..., 0] for i, key in enumerate(keys)}
+    arr = labels.data if isinstance(labels, xr.DataArray) else labels
+    if not hasattr(arr, "shape"):
+        arr = np.asarray(arr)
+    if len(arr.shape) != 3:
+        raise InputError(
+            f"Labels for a collection must be a mapping key -> (y, x) labels, an (n, y, x) "
+            f"stack or a path; got shape {tuple(arr.shape)}."
+        )
+    return _stack_planes(arr, keys, f"of shape {tuple(arr.shape)}")
+
+
+def _member_grids(
+    tree: xr.DataTree, planes: Mapping[str, Any], keys: list[str], label_reduce: str
+) -> dict[str, tuple[da.Array, da.Array, np.ndarray]]:
+    """``key -> (features data, labels on its grid, labelled cells per chunk)``."""
+    out = {}
+    for key in keys:
+        arr, data = feature_data(member_data(tree, key))
+        try:
+            grid = _labels_on_grid(planes[key], data, _stride(arr), label_reduce)
+        except InputError as err:
+            raise InputError(f"Member {key!r}: {err}") from None
+        out[key] = (data, grid, count_chunk_pixels(data, grid > 0))
+    return out
+
+
+def _iou(pred: np.ndarray, truth: np.ndarray, classes: list[int]) -> dict[str, float | None]:
+    """Intersection over union of each class on the scored pixels (None: class absent).
+
+    >>> _iou(np.array([1, 1, 2]), np.array([1, 2, 2]), [1, 2])
+    {'1': 0.5, '2': 0.5}
+    """
+    out: dict[str, float | None] = {}
+    for c in classes:
+        union = np.count_nonzero((pred == c) | (truth == c))
+        out[str(c)] = float(np.count_nonzero((pred == c) & (truth == c)) / union) if union else None
+    return out
+
+
+def _fit_collection(
+    tree: xr.DataTree,
+    labels: Any,
+    options: SegmentOptions,
+    *,
+    max_samples: int,
+    label_reduce: str,
+) -> tuple[Segmenter, dict[str, Any]]:
+    considered = [k for k, _ in members(tree, options.images)]
+    planes = collection_labels(tree, labels)
+    test = list(options.test or ())
+    check_keys(tree, test, "Test member")
+    for key in test:
+        if key not in planes:
+            raise InputError(
+                f"Test member {key!r} has no labels; give labels for it or leave it out of --test."
+            )
+    if options.train:
+        check_keys(tree, options.train, "Training member")
+        candidates = list(options.train)
+        for key in candidates:
+            if key not in planes:
+                raise InputError(f"Training member {key!r} has no labels; give labels for it.")
+    else:
+        candidates = [k for k in considered if k in planes and k not in test]
+    grids = _member_grids(tree, planes, [*dict.fromkeys(candidates + test)], label_reduce)
+    train = [k for k in candidates if grids[k][2].sum() > 0]
+    if options.train and len(train) < len(candidates):
+        empty = sorted(set(candidates) - set(train))
+        raise InputError(f"Training members {empty} have no labelled pixel (all 0).")
+    if not train:
+        raise InputError(
+            "No training member has a labelled pixel; draw scribbles (1, 2, ... = classes) on "
+            "at least one member that is not a --test member."
+        )
+    for key in test:
+        if grids[key][2].sum() == 0:
+            raise InputError(f"Test member {key!r} has no labelled pixel (all 0) to score.")
+    seed = options.seed
+
+    def draw(keys: list[str], sample: str, draw_seed: Any) -> tuple[np.ndarray, ...]:
+        parts = [grids[k] for k in keys]
+        return draw_members(
+            [p[0] for p in parts],
+            n=max_samples,
+            seed=draw_seed,
+            sample=sample,
+            masks=[p[1] > 0 for p in parts],
+            values=[p[1] for p in parts],
+            max_chunks=None,
+            counts=[p[2] for p in parts],
+        )
+
+    x, _, _, y = draw(train, options.sample, seed)
+    y = y.astype(np.int64)
+    classes = [int(c) for c in np.unique(y)]
+    if len(classes) < 2:
+        raise InputError(
+            f"The training members' labels hold only class {tuple(classes)}; draw scribbles of "
+            "at least two classes."
+        )
+    if classes[-1] > MAX_LABEL:
+        raise InputError(f"label values must be <= {MAX_LABEL}, got {classes[-1]}.")
+    estimator = _make_estimator(options.method, seed).fit(x, y)
+    if options.method == "random_forest":
+        estimator.set_params(n_jobs=1)  # one thread per dask task when predicting
+    report: dict[str, Any] = {
+        "train": train,
+        "test": test,
+        "train_accuracy": float((estimator.predict(x) == y).mean()),
+        "test_accuracy": None,
+        "iou": None,
+        "mean_iou": None,
+        "test_accuracy_per_member": None,
+        "holdout_accuracy": None,
+        "n_labelled": int(sum(grids[k][2].sum() for k in train)),
+        "n_train": int(len(x)),
+        "n_holdout": 0,
+        "n_test": 0,
+        "classes": classes,
+        "method": options.method,
+    }
+    if test:
+        xt, _, member, yt = draw(test, "proportional", [seed, 2])
+        yt = yt.astype(np.int64)
+        pred = estimator.predict(xt)
+        scored = sorted({*classes, *np.unique(yt).tolist()})
+        iou = _iou(pred, yt, scored)
+        present = [iou[str(c)] for c in np.unique(yt).tolist()]
+        report.update(
+            test_accuracy=float((pred == yt).mean()),
+            iou=iou,
+            mean_iou=float(np.mean([v or 0.0 for v in present])),
+            test_accuracy_per_member={
+                k: float((pred[member == i] == yt[member == i]).mean()) for i, k in enumerate(test)
+            },
+            n_test=int(len(xt)),
+        )
+    log.info("segmenter %s on %d members: %s", options.method, len(train), report)
+    segmenter = Segmenter(
+        estimator=estimator,
+        classes=tuple(classes),
+        method=options.method,
+        n_features=int(x.shape[1]),
+        settings=feature_settings(member_data(tree, train[0])),
+    )
+    return segmenter, report
+
+
+def write_segmentation(
+    segmenter: Segmenter,
+    features: xr.DataArray | xr.DataTree,
+    out: str | os.PathLike,
+    *,
+    attrs: dict[str, Any] | None = None,
+    proba: bool = False,
+    images: tuple[str, ...] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict:
+    """Write ``segmentation.zarr``, ``segmentation.png`` (and ``probabilities.zarr`` with
+    ``proba``) under ``out`` (``out/<key>/`` per member of a collection)."""
+    check_settings(segmenter.settings, features, "This segmenter")
+    attrs = {**(attrs or {}), **segmenter.to_dict()}
+
+    def write_one(arr: xr.DataArray, folder: Path) -> dict:
+        pred = segmenter.predict(arr)
+        outputs.write_labels(pred, folder / "segmentation.zarr", attrs=attrs, overwrite=True)
+        outputs.write_png(pred, folder / "segmentation.png", palette=outputs.PALETTE)
+        written = [folder / "segmentation.zarr", folder / "segmentation.png"]
+        if proba:
+            outputs.write_array(
+                segmenter.predict(arr, proba=True),
+                folder / "probabilities.zarr",
+                attrs=attrs,
+                overwrite=True,
+            )
+            written.append(folder / "probabilities.zarr")
+        return {"segment": [str(p) for p in written]}
+
+    return write_members(
+        features, out, write_one, images=images, picture="segmentation.png", figures=extra
+    )
 
 
 @register(
     "segment",
     SegmentOptions,
-    help="segmentation from sparse scribble labels",
+    help="segmentation from sparse scribble labels (one store, or train once on a collection)",
     function=fit_segmenter,
 )
-def run_segment(options: SegmentOptions, features: xr.DataArray, out: Path) -> dict:
-    """Train on the label image ``options.labels`` and write ``segmentation.zarr``,
-    ``segmentation.png`` (and ``probabilities.zarr`` with ``proba``) under ``out``; return
-    their paths and the training report."""
-    out = Path(out)
+def run_segment(options: SegmentOptions, features: xr.DataArray | xr.DataTree, out: Path) -> dict:
+    """Train on ``options.labels`` and write ``segmentation.zarr``, ``segmentation.png`` (and
+    ``probabilities.zarr`` with ``proba``) under ``out``, per member for a collection (every
+    member, or ``images``); return their paths and the training report."""
     attrs = run_attrs(options)
-    data, _ = open_image(options.labels)
-    seg, report = _fit_segmenter(features, data[..., 0], options)
-    pred = seg.predict(features)
-    outputs.write_labels(pred, out / "segmentation.zarr", attrs={**attrs, **report}, overwrite=True)
-    outputs.write_png(pred, out / "segmentation.png", palette=outputs.PALETTE)
-    if options.proba:
-        outputs.write_array(
-            seg.predict(features, proba=True),
-            out / "probabilities.zarr",
-            attrs=attrs,
-            overwrite=True,
-        )
-    return {
-        "segment": [str(out / "segmentation.zarr"), str(out / "segmentation.png")],
-        **report,
-    }
+    if is_tree(features):
+        labels: Any = options.labels
+    else:
+        labels = open_image(options.labels)[0][..., 0]
+    seg, report = _fit_segmenter(features, labels, options)
+    extra = dict(report)
+    if options.save_model:
+        extra["model"] = str(seg.save(options.save_model))
+    return write_segmentation(
+        seg,
+        features,
+        out,
+        attrs={**attrs, **report},
+        proba=options.proba,
+        images=options.images,
+        extra=extra,
+    )

@@ -221,7 +221,11 @@ def _reported_paths(summary: dict) -> list[Path]:
         ("pca", {"components": 2, "samples": 500}, ["pca.zarr"]),
         ("cluster", {"k": 2, "samples": 500}, ["clusters.zarr", "clusters.png"]),
         ("similarity", {"box": [2, 3, 6, 9]}, ["similarity.zarr", "similarity.png"]),
-        ("segment", {"proba": True}, ["segmentation.zarr", "segmentation.png"]),
+        (
+            "segment",
+            {"proba": True},
+            ["segmentation.zarr", "segmentation.png", "probabilities.zarr"],
+        ),
     ],
 )
 def test_run_writes_the_files_it_reports(tmp_path, name, values, files):
