@@ -7,7 +7,6 @@ to 8 bits with the store's ``value_range`` and laid out in a grid with their key
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io.sheets import write_contact_sheet
 
 __all__ = ["crop_box", "write_hit_sheet"]
 
 _TILE_PX = 192
-_LABEL_PX = 14
 _COLUMNS = 5
 _BOX_RGB = (255, 40, 40)
 
@@ -78,13 +77,11 @@ def write_hit_sheet(
     """
     from PIL import Image, ImageDraw
 
-    n = max(len(hits), 1)
-    cols = min(_COLUMNS, n)
-    rows = math.ceil(n / cols)
-    sheet = Image.new("RGB", (cols * _TILE_PX, rows * (_TILE_PX + _LABEL_PX)), (255, 255, 255))
-    draw = ImageDraw.Draw(sheet)
+    if not hits:
+        raise InputError(f"No hits to draw in {str(path)!r}; the index holds no region.")
     sources: dict[str, Any] = {}
-    for i, hit in enumerate(hits):
+    items = []
+    for hit in hits:
         key = hit["key"]
         if key not in sources:
             sources[key] = _open_source(key, members[key])
@@ -93,18 +90,11 @@ def write_hit_sheet(
         rgb = _to_rgb(np.asarray(data[y0:y1, x0:x1].compute()), members[key].get("value_range"))
         scale = _TILE_PX / max(rgb.shape[:2])
         size = (max(1, round(rgb.shape[1] * scale)), max(1, round(rgb.shape[0] * scale)))
-        tile = Image.fromarray(rgb).resize(size, Image.Resampling.BILINEAR)
+        resample = Image.Resampling.NEAREST if scale >= 1 else Image.Resampling.LANCZOS
+        tile = Image.fromarray(rgb).resize(size, resample)
         by0, bx0, by1, bx1 = hit["box"]
-        rect = [
-            (bx0 - x0) * scale,
-            (by0 - y0) * scale,
-            (bx1 - x0) * scale - 1,
-            (by1 - y0) * scale - 1,
-        ]
+        rect = [(bx0 - x0) * scale, (by0 - y0) * scale, (bx1 - x0) * scale - 1,
+                (by1 - y0) * scale - 1]  # fmt: skip
         ImageDraw.Draw(tile).rectangle(rect, outline=_BOX_RGB, width=2)
-        ox, oy = (i % cols) * _TILE_PX, (i // cols) * (_TILE_PX + _LABEL_PX)
-        sheet.paste(tile, (ox, oy))
-        draw.text((ox + 2, oy + _TILE_PX), f"{key} {hit['score']:.3f}", fill=(0, 0, 0))
-    path = Path(path)
-    sheet.save(path)
-    return path
+        items.append((f"{key} {hit['score']:.3f}", np.asarray(tile)))
+    return write_contact_sheet(items, path, tile_px=_TILE_PX, columns=min(_COLUMNS, len(items)))

@@ -159,18 +159,15 @@ def store_key(path: str | os.PathLike) -> str:
 
 
 def open_members(source: str | os.PathLike) -> dict[str, tuple[Path, xr.DataArray]]:
-    """``key -> (store path, features)`` of a store (one member) or a collection (its done
-    members, in table order)."""
-    from ..io.collection import is_collection, read_members
-    from ..io.store import open_features
+    """``key -> (store path, features)`` of a store (one member, keyed by :func:`store_key`)
+    or a collection (its members with features, in table order)."""
+    from .collection import is_tree, members, open_store
 
     path = Path(source)
-    if is_collection(path):
-        rows = [r for r in read_members(path) if r.get("status") == "done"]
-        if not rows:
-            raise StoreError(f"Collection {str(path)!r} has no completed member to index.")
-        return {r["key"]: (path / r["key"], open_features(path / r["key"])) for r in rows}
-    return {store_key(path): (path, open_features(path))}
+    opened = open_store(path)
+    if not is_tree(opened):
+        return {store_key(path): (path, opened)}
+    return {key: (path / key, arr) for key, arr in members(opened)}
 
 
 # --- building ---------------------------------------------------------------------------------
