@@ -439,8 +439,17 @@ def _trained(faiss, factory, dim, nlist, need, members, order, region, batch, ca
             f"Only {len(train)} regions to index, too few for IVF-PQ with {nlist} lists; use "
             "kind='flat' (CLI: --kind flat)."
         )
-    out = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    out = new_ivfpq(faiss, factory, dim)
     out.train(train)
+    return out
+
+
+def new_ivfpq(faiss, factory: str, dim: int):
+    """An untrained IVF-PQ index for inner products, without polysemous training (which the
+    factory switches on, costs most of the training time and only serves Hamming search)."""
+    out = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if isinstance(out, faiss.IndexIVFPQ):
+        out.do_polysemous_training = False
     return out
 
 
