@@ -7,13 +7,14 @@ Two parts:
   cells and regions per second (reading, normalising, summing, adding to a flat index and
   writing the Parquet table), then one ``search`` through the store (query embedding read
   from the store + FAISS).
-* **latency**: FAISS alone on ``n`` random unit vectors of dimension 384 (``10^5`` and
-  ``10^6`` by default; the vectors are made chunk by chunk, never held twice): the flat
+* **latency**: FAISS alone on ``n`` unit vectors of dimension 384 (``10^5`` and ``10^6`` by
+  default; made chunk by chunk, never held twice; ``--data clustered``: near-duplicates
+  around 4096 random centres, like the regions of a few textures, or ``random``): the flat
   index (``IndexFlatIP``, exact) and the IVF-PQ recipe ``build_index`` uses above
   ``FLAT_MAX`` regions (sqrt(n) lists, 8-bit codes of 8 dimensions, ``nprobe`` 16): build
   time, index size, the latency of single queries (median and 95th percentile of
   ``--queries`` queries, k = 20) and the IVF-PQ recall@20 against the flat index. Random
-  vectors have no cluster structure: the recall is a lower bound of what real features give.
+  vectors have no neighbours to speak of (every cosine ~0 ± 0.05): their recall is a floor.
 
 ``--quick`` runs a small store and ``n = 10^4`` vectors of dimension 32 only (the smoke test).
 """
@@ -98,9 +99,27 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def _chunks(n: int, dim: int, seed: int, step: int = 100_000):
+_CENTRES = 4096
+
+
+def _chunks(
+    n: int, dim: int, seed: int, data: str = "random", *, part: int = 0, step: int = 100_000
+):
+    """``(vectors, centre of each)`` of the ``n`` vectors, ``step`` at a time: random unit
+    vectors (centre -1), or ``clustered`` ones (one of :data:`_CENTRES` unit centres, the same
+    for every ``part``, plus noise of norm ~0.75, normalised: like the regions of a few
+    textures). ``part`` 1 gives other vectors around the same centres (the queries)."""
+    centres = _unit(np.random.default_rng([seed, 7]), _CENTRES, dim)
     for i, start in enumerate(range(0, n, step)):
-        yield _unit(np.random.default_rng([seed, i]), min(step, n - start), dim)
+        rng = np.random.default_rng([seed, part, i])
+        m = min(step, n - start)
+        if data == "random":
+            yield _unit(rng, m, dim), np.full(m, -1)
+            continue
+        which = rng.integers(0, _CENTRES, m)
+        x = centres[which]
+        x += rng.standard_normal((m, dim), dtype=np.float32) * np.float32(0.75 / np.sqrt(dim))
+        yield x / np.linalg.norm(x, axis=1, keepdims=True), which
 
 
 def _latency(index, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
@@ -115,46 +134,52 @@ def _latency(index, queries: np.ndarray) -> tuple[float, float, np.ndarray]:
     return float(np.median(times_ms)), float(np.percentile(times_ms, 95)), np.array(found)
 
 
-def _latency_rows(n: int, dim: int, n_queries: int, nprobe: int, seed: int) -> list[dict]:
+def _latency_rows(
+    n: int, dim: int, n_queries: int, nprobe: int, seed: int, data: str
+) -> list[dict]:
     import faiss
 
     from hrdv2_dask.analysis.retrieval import _ivfpq_factory, new_ivfpq
 
-    rng = np.random.default_rng([seed, 99])
-    queries = _unit(rng, n_queries, dim)
+    queries, query_centres = next(_chunks(n_queries, dim, seed, data, part=1))
+    centres = np.concatenate([c for _, c in _chunks(n, dim, seed, data)])
     rows = []
     t0 = time.perf_counter()
     flat = faiss.IndexFlatIP(dim)
-    for part in _chunks(n, dim, seed):
+    for part, _ in _chunks(n, dim, seed, data):
         flat.add(part)
     build = time.perf_counter() - t0
     med, p95, truth = _latency(flat, queries)
     rows.append(
         {"n": n, "kind": "flat", "factory": "Flat", "build_s": build, "size_mib":
-         flat.ntotal * dim * 4 / 2**20, "median_ms": med, "p95_ms": p95, "recall": 1.0}
+         flat.ntotal * dim * 4 / 2**20, "median_ms": med, "p95_ms": p95, "recall": 1.0,
+         "same_centre": float((centres[truth] == query_centres[:, None]).mean())
+         if data != "random" else None}
     )  # fmt: skip
     del flat
     factory, nlist, need = _ivfpq_factory(dim, n)
     t0 = time.perf_counter()
     ivf = new_ivfpq(faiss, factory, dim)
     train, got = [], 0
-    for part in _chunks(n, dim, seed):  # the first `need` vectors of the data
+    for part, _ in _chunks(n, dim, seed, data):  # the first `need` vectors of the data
         train.append(part)
         got += len(part)
         if got >= need:
             break
     ivf.train(np.concatenate(train)[:need])
     del train
-    for part in _chunks(n, dim, seed):
+    for part, _ in _chunks(n, dim, seed, data):
         ivf.add(part)
     build = time.perf_counter() - t0
     faiss.extract_index_ivf(ivf).nprobe = nprobe
     med, p95, found = _latency(ivf, queries)
     recall = np.mean([len(set(a) & set(b)) / _K for a, b in zip(found, truth, strict=True)])
+    same = float((centres[found] == query_centres[:, None]).mean()) if data != "random" else None
     size = faiss.serialize_index(ivf).nbytes / 2**20
     rows.append(
         {"n": n, "kind": "ivfpq", "factory": f"{factory}, nprobe {nprobe}", "build_s": build,
-         "size_mib": size, "median_ms": med, "p95_ms": p95, "recall": float(recall)}
+         "size_mib": size, "median_ms": med, "p95_ms": p95, "recall": float(recall),
+         "same_centre": same}
     )  # fmt: skip
     return rows
 
@@ -167,6 +192,7 @@ def run_retrieval(
     region: int,
     sizes: list[int],
     latency_dim: int,
+    data: str,
     n_queries: int,
     nprobe: int,
     seed: int,
@@ -184,7 +210,7 @@ def run_retrieval(
     rows = []
     for n in sizes:
         log.info("latency at n=%d", n)
-        rows += _latency_rows(n, latency_dim, n_queries, nprobe, seed)
+        rows += _latency_rows(n, latency_dim, n_queries, nprobe, seed, data)
     env = environment("cpu")
     env["versions"]["faiss-cpu"] = faiss.__version__
     env["faiss_threads"] = faiss.omp_get_max_threads()
@@ -197,6 +223,7 @@ def run_retrieval(
             "nprobe": nprobe,
             "sizes": sizes,
             "latency_dim": latency_dim,
+            "data": data,
         },
         "build": build,
         "rows": rows,
@@ -223,6 +250,7 @@ COLUMNS = [
     Column("median_ms", "query median (ms)", "{:.2f}"),
     Column("p95_ms", "query p95 (ms)", "{:.2f}"),
     Column("recall", "recall@20", "{:.3f}"),
+    Column("same_centre", "hits of the query's cluster", "{:.3f}"),
 ]
 
 
@@ -243,7 +271,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             markdown_table([b], BUILD_COLUMNS),
             "",
-            f"FAISS alone on random unit vectors (d = {s['latency_dim']}), {s['queries']} "
+            f"FAISS alone on {s['data']} unit vectors (d = {s['latency_dim']}), {s['queries']} "
             "single queries, "
             f"k = {s['k']}; recall@{s['k']} of IVF-PQ against the exact flat index:",
             "",
@@ -262,6 +290,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queries", type=int, default=50, help="(default: %(default)s)")
     parser.add_argument("--nprobe", type=int, default=16, help="(default: %(default)s)")
     parser.add_argument(
+        "--data",
+        choices=("random", "clustered"),
+        default="clustered",
+        help="latency vectors: random (no neighbours: the worst case for IVF-PQ) or clustered "
+        "(near-duplicates around 4096 centres) (default: %(default)s)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="a small store, d = 32 and n = 10^4 only"
     )
 
@@ -275,6 +310,7 @@ def run(args: argparse.Namespace, spec: BackboneSpec) -> dict[str, Any]:
         region=args.region,
         sizes=[10_000] if quick else [int(v) for v in args.sizes.split(",")],
         latency_dim=32 if quick else 384,
+        data=args.data,
         n_queries=5 if quick else args.queries,
         nprobe=args.nprobe,
         seed=args.seed,
