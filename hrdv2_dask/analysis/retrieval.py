@@ -277,17 +277,17 @@ class _Table:
 
 
 def _check_target(index: Path, overwrite: bool) -> None:
+    """Refuse a file, a foreign folder, or a complete index without ``overwrite``; an
+    incomplete index (an interrupted build: no ``index.json``) is replaced."""
     if index.exists() and not index.is_dir():
         raise StoreError(f"Index {str(index)!r} is an existing file; choose a folder path.")
-    entries = list(index.iterdir()) if index.is_dir() else []
-    if not entries:
-        return
-    if not (index / _INDEX_JSON).exists() or {e.name for e in entries} - {*_FILES, ".tmp"}:
+    names = {e.name for e in index.iterdir()} if index.is_dir() else set()
+    if names - {*_FILES, ".tmp"}:
         raise StoreError(
             f"Index {str(index)!r} is a non-empty folder that is not an hrdv2 index; refusing "
             "to write into it. Choose a new path."
         )
-    if not overwrite:
+    if _INDEX_JSON in names and not overwrite:
         raise StoreError(
             f"Index {str(index)!r} exists; pass overwrite=True (CLI: --overwrite) to replace it."
         )

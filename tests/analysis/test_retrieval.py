@@ -233,6 +233,13 @@ def test_bad_targets(collection, index, tmp_path, capsys):
         rt.build_index(collection[0], tmp_path / "x")
     with pytest.raises(StoreError, match="build it with"):
         rt.search(tmp_path / "x", query=["a:1,1"])
+    # an interrupted build (no index.json) is built again without --overwrite
+    (tmp_path / "y" / ".tmp").mkdir(parents=True)
+    (tmp_path / "y" / "regions.faiss").write_bytes(b"partial")
+    with pytest.raises(StoreError, match="incomplete index"):
+        rt.search(tmp_path / "y", query=["a:1,1"])
+    assert rt.build_index(collection[0], tmp_path / "y", region=R)["regions"] > 0
+    assert sorted(p.name for p in (tmp_path / "y").iterdir()) == sorted(rt._FILES)
 
 
 def test_missing_faiss_is_one_line(collection, tmp_path, monkeypatch, capsys):
