@@ -21,6 +21,7 @@ __all__ = ["crop_box", "write_hit_sheet"]
 _TILE_PX = 192
 _COLUMNS = 5
 _BOX_RGB = (255, 40, 40)
+_QUERY_RGB = (40, 220, 40)
 
 
 def crop_box(
@@ -69,11 +70,16 @@ def _open_source(key: str, member: Mapping[str, Any]):
 
 
 def write_hit_sheet(
-    hits: Sequence[Mapping[str, Any]], members: Mapping[str, Mapping[str, Any]], path: Path
+    hits: Sequence[Mapping[str, Any]],
+    members: Mapping[str, Mapping[str, Any]],
+    path: Path,
+    *,
+    queries: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write the contact sheet of ``hits`` (from :func:`.retrieval.search`) to ``path`` (PNG).
 
-    ``members`` is the index's ``key -> {source, value_range, ...}`` table.
+    ``members`` is the index's ``key -> {source, value_range, ...}`` table; ``queries``
+    (``key`` and ``box``) come first, their boxes drawn in green, captioned ``query``.
     """
     from PIL import Image, ImageDraw
 
@@ -81,7 +87,8 @@ def write_hit_sheet(
         raise InputError(f"No hits to draw in {str(path)!r}; the index holds no region.")
     sources: dict[str, Any] = {}
     items = []
-    for hit in hits:
+    tiles = [({**q, "score": None}, _QUERY_RGB) for q in queries]
+    for hit, colour in [*tiles, *((h, _BOX_RGB) for h in hits)]:
         key = hit["key"]
         if key not in sources:
             sources[key] = _open_source(key, members[key])
@@ -95,6 +102,7 @@ def write_hit_sheet(
         by0, bx0, by1, bx1 = hit["box"]
         rect = [(bx0 - x0) * scale, (by0 - y0) * scale, (bx1 - x0) * scale - 1,
                 (by1 - y0) * scale - 1]  # fmt: skip
-        ImageDraw.Draw(tile).rectangle(rect, outline=_BOX_RGB, width=2)
-        items.append((f"{key} {hit['score']:.3f}", np.asarray(tile)))
+        ImageDraw.Draw(tile).rectangle(rect, outline=colour, width=2)
+        score = "query" if hit["score"] is None else f"{hit['score']:.3f}"
+        items.append((f"{key} {score}", np.asarray(tile)))
     return write_contact_sheet(items, path, tile_px=_TILE_PX, columns=min(_COLUMNS, len(items)))

@@ -557,8 +557,8 @@ def search(
     nprobe : int, optional
         Inverted lists searched by an IVF-PQ index (ignored by a flat one).
     out : str or os.PathLike, optional
-        A folder for ``hits.json`` and ``contact_sheet.png`` (the hit regions cropped from
-        the source images, boxes drawn).
+        A folder for ``hits.json`` and ``contact_sheet.png`` (the point and box queries, then
+        the hit regions, cropped from the source images, boxes drawn).
 
     Returns
     -------
@@ -604,7 +604,8 @@ def search(
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "hits.json").write_text(json.dumps(hits, indent=2))
-        write_hit_sheet(hits, meta["members"], out / "contact_sheet.png")
+        shown = [{"key": q.key, "box": list(q.values)} for q in queries if q.kind == "box"]
+        write_hit_sheet(hits, meta["members"], out / "contact_sheet.png", queries=shown)
     return hits
 
 

@@ -187,8 +187,10 @@ def test_contact_sheet_and_cli(index, tmp_path, capsys):
     assert len(hits) == 7 and set(hits[0]) == {"key", "box", "score"}
     assert json.loads((tmp_path / "hits" / "hits.json").read_text()) == hits
     sheet = np.asarray(Image.open(tmp_path / "hits" / "contact_sheet.png").convert("RGB"))
+    # the query, then 7 hits: 2 rows of 5
     assert sheet.shape[0] == 2 * (192 + 16 + 4) - 4 and sheet.shape[1] == 5 * (192 + 4) - 4
     assert (sheet == (255, 40, 40)).all(axis=-1).sum() > 7 * 50  # boxes drawn
+    assert (sheet[:192, :192] == (40, 220, 40)).all(axis=-1).sum() > 50  # the query's
 
 
 def test_cli_index_of_a_store(collection, tmp_path, capsys):
