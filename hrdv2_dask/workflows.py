@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
+
 from .analysis.registry import get_analysis
 from .config import ClusterSettings, FeatureSettings, Settings, SlurmSettings, unknown_key
 from .errors import ConfigError, WeightsNotFoundError
@@ -100,10 +102,13 @@ class Workflow:
         steps = []
         for i, entry in enumerate(analyses):
             step = AnalysisStep.from_dict(entry, f"analyses[{i}]")
-            if getattr(step.options, "labels", None) is not None:
-                step = AnalysisStep(
-                    step.kind, step.options.replace(labels=resolve(step.options.labels))
-                )
+            paths = {  # the options that are paths: relative to the workflow file
+                name: resolve(getattr(step.options, name))
+                for name in ("labels", "save_model")
+                if isinstance(getattr(step.options, name, None), str)
+            }
+            if paths:
+                step = AnalysisStep(step.kind, step.options.replace(**paths))
             steps.append(step)
         features = FeatureSettings.from_dict(data.get("features"))
         if features.mask is not None and features.mask not in ("auto", "auto-dark"):
@@ -176,13 +181,30 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
             write_sample_image(out / "sample.zarr", size=wf.sample_size, png=out / "sample.png")
         )
     features = dataclasses.replace(wf.features, weights=_weights_or_random(wf.features))
-    return extract(
+    if features.plane is None and not _one_image(source, features):
+        # several images (a stack, a folder...): a collection store; analyses run on its tree
+        from .pipeline.collection import extract_collection
+
+        run = extract_collection
+    else:
+        run = extract
+    result = run(
         source,
         out / "features.zarr",
         client=client,
         progress=progress,
         **extract_options(features, wf.cluster),
     )
+    for row in result.attrs.get("members", []) if run is not extract else []:
+        if row.get("status") == "failed":
+            log.warning("member %s failed, left out: %s", row.get("key"), row.get("error"))
+    return result
+
+
+def _one_image(source: str, features: FeatureSettings) -> bool:
+    from .pipeline.members import list_members
+
+    return list_members(source, axes=features.axes, level=features.level).single
 
 
 def run_analysis(step: AnalysisStep, features, out: Path) -> dict:
@@ -197,14 +219,20 @@ def run_workflow(wf: Workflow | str | os.PathLike, *, client=None, progress: boo
     out = Path(wf.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     features = _features_for(wf, out, client=client, progress=progress)
+    tree = isinstance(features, xr.DataTree)
+    attrs = features.attrs.get("settings", {}) if tree else features.attrs
     summary: dict[str, Any] = {
         "workflow": wf.to_dict(),
         "features": str(out / "features.zarr"),
-        "feature_shape": dict(features.sizes),
+        "feature_shape": (
+            {k: dict(node["features"].sizes) for k, node in features.children.items()}
+            if tree
+            else dict(features.sizes)
+        ),
         # which backbone produced what: a filter bank, real weights or random ones
-        "backbone": features.attrs.get("model"),
-        "weights_origin": features.attrs.get("weights_origin"),
-        "random_weights": bool(features.attrs.get("random_weights")),
+        "backbone": attrs.get("model"),
+        "weights_origin": attrs.get("weights_origin"),
+        "random_weights": bool(attrs.get("random_weights")),
         "analyses": [],
     }
     log.info(
@@ -212,6 +240,7 @@ def run_workflow(wf: Workflow | str | os.PathLike, *, client=None, progress: boo
     )
     for step in wf.analyses:
         log.info("analysis: %s", step.kind)
-        summary["analyses"].append(run_analysis(step, features, out))
+        # a collection's analyses each write OUT/<analysis>/<key>/, a contact sheet and a summary
+        summary["analyses"].append(run_analysis(step, features, out / step.kind if tree else out))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

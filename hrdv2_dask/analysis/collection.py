@@ -92,10 +92,17 @@ class MemberOptions(Settings):
     )
 
     def __post_init__(self) -> None:
+        keys = [
+            f.name
+            for f in dataclasses.fields(self)
+            if f.metadata.get("spec") is not None and f.metadata["spec"].metavar == KEYS
+        ]
+        for name in keys:  # "a,b" (the command line) is the list [a, b]
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, split_keys((getattr(self, name),)))
         super().__post_init__()
-        for f in dataclasses.fields(self):
-            if f.metadata.get("spec") is not None and f.metadata["spec"].metavar == KEYS:
-                object.__setattr__(self, f.name, split_keys(getattr(self, f.name)))
+        for name in keys:
+            object.__setattr__(self, name, split_keys(getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -250,6 +257,12 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+def _short(value: Any) -> str:
+    """``repr`` of a setting, long lists shortened (transforms)."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def feature_settings(features: Any) -> dict[str, Any]:
     """The settings of the features a model is fitted on (for a collection, its first member).
 
@@ -272,16 +285,17 @@ def check_settings(settings: Mapping[str, Any] | None, features: Any, what: str)
         return
     for key, arr in members(features) if is_tree(features) else [(None, features)]:
         have = feature_settings(arr)
-        for name in MATCH:
-            if name not in settings or name not in have:
-                continue
-            if settings[name] != have[name]:
-                where = f"member {key!r}" if key is not None else "these features"
-                raise InputError(
-                    f"{what} was fitted on features with {name}={settings[name]!r} but {where} "
-                    f"have {name}={have[name]!r}; apply it to stores made with the same "
-                    "settings, or fit a new model on this store."
-                )
+        differ = [
+            n for n in MATCH if n in settings and n in have and _plain(settings[n]) != have[n]
+        ]
+        if differ:
+            where = f"member {key!r}" if key is not None else "these features"
+            ours = ", ".join(f"{n}={_short(settings[n])}" for n in differ)
+            theirs = ", ".join(f"{n}={_short(have[n])}" for n in differ)
+            raise InputError(
+                f"{what} was fitted on features with {ours} but {where} have {theirs}; apply "
+                "it to stores made with the same settings, or fit a new model on this store."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -426,8 +440,9 @@ def write_members(
     -------
     dict
         One store: ``write_one``'s dict plus ``figures``. A collection: ``figures``,
-        ``members`` (key -> ``write_one``'s dict), ``contact_sheet`` and ``summary`` (the
-        path of ``summary.json``, which holds this same dict).
+        ``members`` (key -> ``write_one``'s dict), ``left_out`` (members of the table without
+        features, if any), ``contact_sheet`` and ``summary`` (the path of ``summary.json``,
+        which holds this same dict).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -442,6 +457,9 @@ def write_members(
         if picture and (folder / picture).is_file():
             tiles.append((key, folder / picture))
     summary: dict[str, Any] = {**(figures or {}), "members": done}
+    failed = [k for k in all_keys(features) if k not in features.children]
+    if failed:  # members without features (failed or pending): named, not silently missing
+        summary["left_out"] = failed
     if tiles:
         write_contact_sheet(tiles, out / "contact_sheet.png")
         summary["contact_sheet"] = str(out / "contact_sheet.png")

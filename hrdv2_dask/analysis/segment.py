@@ -698,7 +698,10 @@ def _fit_collection(
     train = [k for k in candidates if grids[k][2].sum() > 0]
     if options.train and len(train) < len(candidates):
         empty = sorted(set(candidates) - set(train))
-        raise InputError(f"Training members {empty} have no labelled pixel (all 0).")
+        raise InputError(
+            f"Training members {empty} have no labelled pixel (all 0); draw scribbles on "
+            "them or leave them out of --train."
+        )
     if not train:
         raise InputError(
             "No training member has a labelled pixel; draw scribbles (1, 2, ... = classes) on "

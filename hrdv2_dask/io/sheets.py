@@ -61,7 +61,7 @@ def write_contact_sheet(
     ...     p = write_contact_sheet([("a", np.zeros((8, 8), np.uint8))] * 3, f"{tmp}/s.png",
     ...                             tile_px=32)
     ...     Image.open(p).size
-    (76, 112)
+    (68, 100)
     """
     if not items:
         raise ValueError("a contact sheet needs at least one picture")
@@ -74,8 +74,8 @@ def write_contact_sheet(
         r, c = divmod(i, cols)
         x0, y0 = c * cell_w, r * cell_h
         thumb = _thumbnail(picture, tile_px)
-        sheet.paste(thumb, (x0 + (tile_px - thumb.width) // 2, y0 + (tile_px - thumb.height) // 2))
-        draw.text((x0 + 2, y0 + tile_px + 2), str(caption), fill="black")
+        sheet.paste(thumb, (x0 + (tile_px - thumb.width) // 2, y0))
+        draw.text((x0 + 2, y0 + thumb.height + 2), str(caption), fill="black")
     path = Path(path)
     sheet.save(path)
     return path
