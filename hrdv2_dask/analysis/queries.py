@@ -30,6 +30,7 @@ from ..errors import ConfigError, InputError
 __all__ = [
     "KINDS",
     "Query",
+    "as_texts",
     "parse_query",
     "parse_queries",
     "query_cells",
@@ -115,6 +116,15 @@ def parse_query(text: str, kind: str) -> Query:
             f"Query box {text!r} is empty: it needs Y0 < Y1 and X0 < X1 (half-open, pixels)."
         )
     return Query(kind, key or None, values)
+
+
+def as_texts(value: Any) -> Any:
+    """One query text as a tuple of one; anything else unchanged (the options check it).
+
+    >>> as_texts("a:1,2"), as_texts(["a:1,2", "b:3,4"])
+    (('a:1,2',), ['a:1,2', 'b:3,4'])
+    """
+    return (value,) if isinstance(value, str) else value
 
 
 def parse_queries(

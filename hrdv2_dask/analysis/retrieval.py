@@ -42,7 +42,7 @@ from ..config import Settings, option
 from ..errors import ConfigError, InputError, MissingExtraError, StoreError
 from ._common import feature_data
 from .embeddings import MIN_VALID, Regions, embeddings_of, region_sums
-from .queries import Query, parse_queries, query_cells, query_vector, resolve_key
+from .queries import Query, as_texts, parse_queries, query_cells, query_vector, resolve_key
 
 __all__ = [
     "FLAT_MAX",
@@ -572,9 +572,9 @@ def search(
         An unknown key or a query outside its member's image.
     """
     options = SearchOptions(
-        query=tuple(query),
-        query_box=tuple(query_box),
-        query_mask=tuple(query_mask),
+        query=as_texts(query),
+        query_box=as_texts(query_box),
+        query_mask=as_texts(query_mask),
         k=k,
         nprobe=nprobe,
     )

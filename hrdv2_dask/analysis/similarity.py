@@ -26,7 +26,7 @@ from ..errors import ConfigError, InputError
 from ..io import outputs
 from ._common import feature_data, run_attrs, wrap
 from .collection import MemberOptions, is_tree, map_members, member_data, write_members
-from .queries import describe_queries, parse_queries, query_vector
+from .queries import as_texts, describe_queries, parse_queries, query_vector
 from .registry import register
 
 __all__ = ["SimilarityOptions", "run_similarity", "similarity"]
@@ -215,9 +215,9 @@ def similarity(
     options = SimilarityOptions(
         points=points,
         box=box,
-        query=tuple(query),
-        query_box=tuple(query_box),
-        query_mask=tuple(query_mask),
+        query=as_texts(query),
+        query_box=as_texts(query_box),
+        query_mask=as_texts(query_mask),
         threshold=threshold,
         images=images,
     )
