@@ -17,6 +17,9 @@ Suites (one module each):
 ``profile``
     Where an end-to-end run spends its time inside the worker processes (Dask's statistical
     profiler): share of samples per function.
+``fidelity``
+    bf16 autocast against fp32: relative error of patch tokens and HR features (official-format
+    checkpoint) at 518² and 224 × 280.
 ``quality``
     k-means on the features of a texture mosaic with a known layout: mIoU (Hungarian
     matching) and boundary F-score, for low-res bilinear, stride trick, HR-Dv2 and both.
@@ -29,4 +32,4 @@ Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
 :mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
 """
 
-SUITES = ("core", "e2e", "seams", "mask", "quality", "profile", "retrieval")
+SUITES = ("core", "e2e", "seams", "mask", "quality", "profile", "fidelity", "retrieval")

@@ -8,6 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from hrdv2_dask.config import PRECISIONS
+
 from . import SUITES
 from .common import BackboneSpec, parse_model_options, write_results
 
@@ -52,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="timm.create_model overrides, e.g. embed_dim=64,depth=2,num_heads=4",
         )
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--precision",
+            choices=PRECISIONS,
+            default="auto",
+            help="backbone arithmetic, as `hrdv2 features --precision` (default: %(default)s)",
+        )
         p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
         module.add_arguments(p)
     return parser
@@ -77,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=_device(args.device),
         model_options=tuple(sorted(args.model_options.items())),
         seed=args.seed,
+        precision=args.precision,
     )
     result = module.run(args, spec)
     markdown = module.to_markdown(result)

@@ -168,6 +168,9 @@ class BackboneSpec:
         Extra ``timm.create_model`` arguments (e.g. a tiny model for tests).
     seed : int
         Seed of the random initialisation.
+    precision : str
+        ``auto``, ``fp32`` or ``bf16``: the backbone's arithmetic, as ``precision`` of
+        :func:`hrdv2_dask.extract`.
     """
 
     model: str = "vit_small_patch14_dinov2"
@@ -176,6 +179,14 @@ class BackboneSpec:
     device: str = "cpu"
     model_options: tuple[tuple[str, Any], ...] = field(default_factory=tuple)
     seed: int = 0
+    precision: str = "auto"
+
+    @property
+    def resolved_precision(self) -> str:
+        """``"fp32"`` or ``"bf16"``: what :attr:`precision` means on :attr:`device` here."""
+        from hrdv2_dask.precision import resolve_precision
+
+        return resolve_precision(self.precision, self.device)
 
     @property
     def random_weights(self) -> bool:

@@ -17,7 +17,8 @@ naive
     and say so.
 
 Times are the best of ``--repeats`` calls (all are in the JSON; the methods take turns),
-synchronised on CUDA, where the backbone runs under bf16 autocast as in ``highres_features``.
+synchronised on CUDA. The backbone runs at ``--precision`` (default ``auto``: bf16 autocast on
+CUDA and on CPUs with native bf16, as ``highres_features``; the table caption names it).
 On CUDA one full-size call of each method is a warm-up; on CPU one small warm-up call per
 method precedes the measurements.
 Peak memory of ``highres_features`` and of the naive recipe is measured in a fresh process per
@@ -28,7 +29,6 @@ methods; elsewhere one process per method) and, on CUDA, of ``torch.cuda.max_mem
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import logging
 from typing import Any
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 import hrdv2_dask as hd
 from hrdv2_dask.backbones import valid_size
+from hrdv2_dask.precision import autocast
 from hrdv2_dask.transforms import pad_reflect
 
 from .common import (
@@ -77,13 +78,6 @@ def default_batch_size(n_views: int, device: str) -> int:
     return n_views if device.startswith("cuda") else min(n_views, 4)
 
 
-def _autocast(device: str):
-    """bf16 autocast on CUDA, as in ``highres_features``; fp32 on CPU."""
-    if device.startswith("cuda"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _view_batches(
     image: torch.Tensor, backbone, tset: hd.TransformSet, batch_size: int
 ) -> list[tuple[list, torch.Tensor, tuple[int, int]]]:
@@ -107,15 +101,20 @@ def _view_batches(
     return batches
 
 
-def _backbone_only(backbone, batches, device: str) -> None:
+def _backbone_only(backbone, batches, device: str, precision: str) -> None:
     with torch.inference_mode():
         for _, views, _ in batches:
-            with _autocast(device):
+            with autocast(precision, device):
                 backbone(views)
 
 
 def naive_features(
-    image: torch.Tensor, backbone, tset: hd.TransformSet, *, batch_size: int
+    image: torch.Tensor,
+    backbone,
+    tset: hd.TransformSet,
+    *,
+    batch_size: int,
+    precision: str = "auto",
 ) -> torch.Tensor:
     """The naive HR-Dv2 recipe: upsample every view to full size, undo it, stack, mean.
 
@@ -127,6 +126,8 @@ def naive_features(
     tset : TransformSet
     batch_size : int
         Views per backbone call.
+    precision : {"auto", "fp32", "bf16"}
+        The backbone's arithmetic, as in :func:`hrdv2_dask.highres_features`.
 
     Returns
     -------
@@ -140,7 +141,7 @@ def naive_features(
     maps = []
     with torch.inference_mode():
         for chunk, views, padded in _view_batches(image, backbone, tset, batch_size):
-            with _autocast(device):
+            with autocast(precision, device):
                 feats = backbone(views)
             feats = feats.float()
             for t, f in zip(chunk, feats, strict=True):
@@ -161,11 +162,12 @@ def _free_bytes(device: str) -> int:
     return psutil.virtual_memory().available
 
 
-def _methods(tset: hd.TransformSet, batch_size: int):
+def _methods(tset: hd.TransformSet, batch_size: int, precision: str):
     """``{method: fn(image, backbone)}`` for the timed and memory-probed calls."""
+    kw = {"batch_size": batch_size, "precision": precision}
     return {
-        "ensemble": lambda x, bb: hd.highres_features(x, bb, tset, batch_size=batch_size),
-        "naive": lambda x, bb: naive_features(x, bb, tset, batch_size=batch_size),
+        "ensemble": lambda x, bb: hd.highres_features(x, bb, tset, **kw),
+        "naive": lambda x, bb: naive_features(x, bb, tset, **kw),
     }
 
 
@@ -173,9 +175,10 @@ def _warm_up(spec: BackboneSpec, backbone, tset, batch_size: int) -> None:
     """One call of each method on a small image: kernels, thread pools, allocator."""
     small = valid_size(3 * backbone.patch_size, backbone.patch_size, backbone.stride)
     x = torch.randn(1, 3, small, small, device=spec.device)
-    for fn in _methods(tset, batch_size).values():
+    for fn in _methods(tset, batch_size, spec.precision).values():
         fn(x, backbone)
-    _backbone_only(backbone, _view_batches(x, backbone, tset, batch_size), spec.device)
+    batches = _view_batches(x, backbone, tset, batch_size)
+    _backbone_only(backbone, batches, spec.device, spec.precision)
     synchronize(spec.device)
 
 
@@ -193,7 +196,7 @@ def probe_memory(
     backbone = spec.build()
     _, tset = view_set(n_views)
     _warm_up(spec, backbone, tset, batch_size)
-    fns = _methods(tset, batch_size)
+    fns = _methods(tset, batch_size, spec.precision)
     x = torch.randn(1, 3, size, size, device=spec.device)
     cuda = spec.device.startswith("cuda")
     result: dict[str, dict[str, int | None]] = {}
@@ -256,7 +259,7 @@ def measure_point(
     bs = batch_size or default_batch_size(n_views, spec.device)
     log.info("core: %d px, %d views (%s), batch %d", size, n_views, label, bs)
     x = torch.randn(1, 3, size, size, device=spec.device)
-    fns = _methods(tset, bs)
+    fns = _methods(tset, bs, spec.precision)
     batches = _view_batches(x, backbone, tset, bs)
     need = naive_bytes(n_views, backbone.embed_dim, size)
     budget = int(0.8 * _free_bytes(spec.device))
@@ -266,7 +269,7 @@ def measure_point(
         else f"needs ~{need / 2**30:.1f} GiB, {budget / 2**30:.1f} GiB available"
     )
     calls = {
-        "backbone": lambda: _backbone_only(backbone, batches, spec.device),
+        "backbone": lambda: _backbone_only(backbone, batches, spec.device, spec.precision),
         "ensemble": lambda: fns["ensemble"](x, backbone),
     }
     if naive_skip is None:
@@ -344,7 +347,8 @@ def run_core(
             "model_label": spec.describe(),
             "model_options": dict(spec.model_options),
             "device": spec.device,
-            "precision": "bf16 autocast" if spec.device.startswith("cuda") else "fp32",
+            "precision": spec.resolved_precision,
+            "precision_option": spec.precision,
             "sizes": sizes,
             "views": views,
             "repeats": repeats,

@@ -168,6 +168,7 @@ def run_once(
             components=components,
             model_options=dict(spec.model_options),
             mask=mask,
+            precision=spec.precision,
             overwrite=True,
             progress=progress,
         )
@@ -246,6 +247,7 @@ def run_e2e(
             "out_stride": out_stride,
             "components": components,
             "dtype": "float16",
+            "precision": spec.resolved_precision,
             "source": str(source),
         },
         "rows": rows,
@@ -275,7 +277,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     )
     return "\n".join(
         [
-            f"### End-to-end `extract` ({s['device']})",
+            f"### End-to-end `extract` ({s['device']}, {s.get('precision', 'fp32')})",
             "",
             environment_line(result["environment"], speed_only=True),
             f"Synthetic {s['size']}×{s['size']} RGB uint8 Zarr, {s['model_label']}, "

@@ -280,6 +280,48 @@ def test_core_smoke(tmp_path, capsys):
     assert "highres_features" in capsys.readouterr().out
 
 
+def test_core_records_the_precision_it_ran(tmp_path):
+    argv = ["core", "--sizes", "28", "--views", "1", "--repeats", "1", "--device", "cpu"]
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        args = [*argv, "--model-options", TINY, "--no-memory", "--precision", precision]
+        assert main([*args, "--out", str(out)]) == 0
+        result = json.loads((out / "core.json").read_text())
+        assert result["settings"]["precision"] == precision
+        assert f"cpu, {precision})" in (out / "core.md").read_text()
+
+
+def test_fidelity_smoke(tmp_path):
+    """bf16 moves tokens and HR features by about bf16's rounding, not more, and not zero; the
+    checkpoint it writes is official-format and loads through the official path."""
+    argv = ["fidelity", "--sizes", "56x70", "--model-options", TINY, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "fidelity.json").read_text())
+    (row,) = result["rows"]
+    assert row["size"] == "56×70"
+    for key in ("tokens_rel_l2", "hr_rel_l2"):
+        assert 1e-4 < row[key] < 5e-2, (key, row[key])
+    assert row["hr_rel_l2"] <= row["tokens_rel_l2"] * 1.5  # averaging views does not amplify it
+    assert 0.99 < row["hr_cos_min"] <= 1.0
+    sd = torch.load(tmp_path / "work" / "official_random.pth")
+    assert "mask_token" in sd and 0.4 < float(sd["blocks.0.ls1.gamma"].mean()) < 0.6
+    assert "bf16 autocast against fp32" in (tmp_path / "fidelity.md").read_text()
+
+
+def test_fidelity_compare_against_numpy():
+    from benchmarks.fidelity import compare
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(8, 5, 6, generator=g)
+    b = a + 0.01 * torch.randn(8, 5, 6, generator=g)
+    got = compare(a, b)
+    an, bn = a.double().numpy().reshape(8, -1), b.double().numpy().reshape(8, -1)
+    assert got["rel_l2"] == pytest.approx(np.linalg.norm(bn - an) / np.linalg.norm(an))
+    cos = (an * bn).sum(0) / np.linalg.norm(an, axis=0) / np.linalg.norm(bn, axis=0)
+    assert got["cos_min"] == pytest.approx(cos.min())
+    assert got["cos_mean"] == pytest.approx(cos.mean())
+
+
 def test_profile_smoke(tmp_path):
     """The worker-side profile of a tiny embedded run: the task thread's samples are in
     ``run_block``, most of them in the backbone and the resample below it."""
