@@ -594,6 +594,11 @@ def search(
             f"The query has {vector.shape[0]} features but {where} holds {meta['dim']}; the "
             "stores changed since it was built: build it again."
         )
+    if loaded.regions.ntotal == 0:
+        raise InputError(
+            f"{where} holds no region (every region was masked or the stores are empty); "
+            "index stores with features."
+        )
     if meta["kind"] == "ivfpq":
         _faiss().extract_index_ivf(loaded.regions).nprobe = options.nprobe
     scores, ids = loaded.regions.search(vector[None], min(options.k, loaded.regions.ntotal))

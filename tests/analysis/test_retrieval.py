@@ -264,3 +264,13 @@ def test_ivfpq_with_too_few_regions_is_refused(tmp_path):
     write_store(tmp_path / "one.zarr", np.ones((4, 8, 8), np.float32))
     with pytest.raises(InputError, match="too few for IVF-PQ"):
         rt.build_index(tmp_path / "one.zarr", tmp_path / "i", kind="ivfpq")
+
+
+def test_an_index_of_masked_cells_only_is_empty(tmp_path):
+    values = np.full((4, 16, 16), np.nan, np.float32)
+    values[:, 0, 0] = 1.0  # one valid cell: too few for any region
+    write_store(tmp_path / "m.zarr", values)
+    summary = rt.build_index(tmp_path / "m.zarr", tmp_path / "i", region=4)
+    assert summary["regions"] == 0 and summary["images"] == 1
+    with pytest.raises(InputError, match="holds no region"):
+        rt.search(tmp_path / "i", query=["0,0"])
