@@ -23,10 +23,13 @@ Suites (one module each):
 ``quality``
     k-means on the features of a texture mosaic with a known layout: mIoU (Hungarian
     matching) and boundary F-score, for low-res bilinear, stride trick, HR-Dv2 and both.
+``retrieval``
+    ``build_index`` and ``search``: regions per second to index a store, and FAISS query
+    latency, size and IVF-PQ recall at 10^5 and 10^6 vectors (flat and IVF-PQ).
 
 Each writes ``DIR/SUITE.json`` (results and an ``environment`` block) and ``DIR/SUITE.md`` (a
 Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
 :mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
 """
 
-SUITES = ("core", "e2e", "seams", "mask", "quality", "profile", "fidelity")
+SUITES = ("core", "e2e", "seams", "mask", "quality", "profile", "fidelity", "retrieval")

@@ -63,6 +63,8 @@ _EXPORTS = {
     "Segmenter": ".analysis",
     "apply_model": ".analysis",
     "load_model": ".analysis",
+    "build_index": ".analysis.retrieval",
+    "search": ".analysis.retrieval",
 }
 
 __all__ = [
@@ -95,6 +97,7 @@ __all__ = [
     "WeightsNotFoundError",
     "__version__",
     "apply_model",
+    "build_index",
     "combine",
     "extract",
     "extract_collection",
@@ -110,11 +113,13 @@ __all__ = [
     "pca_basis",
     "position_bias",
     "rotations",
+    "search",
     "shifts",
 ]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
     from .analysis import KMeansModel, PCAModel, Segmenter, apply_model, load_model
+    from .analysis.retrieval import build_index, search
     from .backbones import Backbone, MeanPool, RandomWeightsWarning, load_backbone
     from .config import ClusterSettings, CollectionSettings, FeatureSettings, SlurmSettings
     from .ensemble import highres_features, output_shape, position_bias

@@ -1,4 +1,5 @@
-"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|apply|run|demo``.
+"""Command line: ``hrdv2 features|info|pca|cluster|similarity|segment|apply|index|search|run``
+and ``hrdv2 demo``.
 
 Each subcommand parses its arguments, builds the options and calls one public function. Errors
 that hrdv2_dask raises on purpose end the program with exit code 2 and one line on stderr; a
@@ -117,6 +118,39 @@ _AGAIN = (
 )
 
 
+def _index(args) -> int:
+    from .analysis.retrieval import IndexOptions, build_index
+
+    options = IndexOptions.from_args(args)
+    print(json.dumps(build_index(args.store, args.index, **options.to_dict()), indent=2))
+    return 0
+
+
+def _search(args) -> int:
+    from .analysis.retrieval import SearchOptions, search
+
+    options = SearchOptions.from_args(args)
+    hits = search(args.index, out=args.out, **options.to_dict())
+    print(json.dumps(hits, indent=2))
+    return 0
+
+
+def _add_retrieval(sub) -> None:
+    """``hrdv2 index STORE INDEX`` and ``hrdv2 search INDEX --query ...``."""
+    from .analysis.retrieval import IndexOptions, SearchOptions
+
+    a = sub.add_parser("index", help="FAISS index of region and image embeddings")
+    a.add_argument("store", help="feature store or collection")
+    a.add_argument("index", help="index folder to write")
+    IndexOptions.add_arguments(a)
+    a.set_defaults(func=_index)
+    s = sub.add_parser("search", help="regions most similar to a query, from an index")
+    s.add_argument("index", help="index folder (from `hrdv2 index`)")
+    SearchOptions.add_arguments(s)
+    s.add_argument("--out", help="folder for hits.json and contact_sheet.png")
+    s.set_defaults(func=_search)
+
+
 def _apply(args) -> int:
     from pathlib import Path
 
@@ -189,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_features)
 
     _add_analyses(sub)
+    _add_retrieval(sub)
 
     from .analysis.models import ApplyOptions
 
@@ -232,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     import distributed  # noqa: F401 - configures its loggers on import; quiet them afterwards
 
-    for noisy in ("distributed", "tornado", "asyncio", "tifffile"):
+    for noisy in ("distributed", "tornado", "asyncio", "tifffile", "faiss"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return args.func(args)

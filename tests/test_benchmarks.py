@@ -350,3 +350,15 @@ def test_memory_probe_in_process():
 
 def test_run_isolated_uses_a_fresh_process():
     assert run_isolated(os.getpid) != os.getpid()
+
+
+def test_retrieval_smoke(tmp_path):
+    """``retrieval --quick``: one build row and the flat and IVF-PQ latency rows."""
+    pytest.importorskip("faiss")
+    assert main(["retrieval", "--quick", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "retrieval.json").read_text())
+    assert result["build"]["regions"] == 256 and result["build"]["regions_per_s"] > 0
+    assert [r["kind"] for r in result["rows"]] == ["flat", "ivfpq"]
+    assert result["rows"][0]["recall"] == 1.0 and 0 <= result["rows"][1]["recall"] <= 1
+    assert "faiss-cpu" in (tmp_path / "retrieval.md").read_text()
+    assert not (tmp_path / "work" / "bench_index").exists()

@@ -164,6 +164,7 @@ def test_register_refuses_a_taken_name_or_another_section():
 
 FIT = ("--images", "--sample")  # every analysis that fits, on a collection
 SEGMENT = ("--train", "--test", "--save-model")
+QUERIES = ("--query", "--query-box", "--query-mask", "--threshold")
 
 
 def _parse(name: str, argv: list[str]) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -177,7 +178,7 @@ def _parse(name: str, argv: list[str]) -> tuple[argparse.ArgumentParser, argpars
     [
         ("pca", {"--components", "--foreground", "--samples", "--seed", *FIT, "--save-model"}),
         ("cluster", {"-k", "--samples", "--seed", *FIT, "--save-model"}),
-        ("similarity", {"--point", "--box", "--images"}),
+        ("similarity", {"--point", "--box", "--images", *QUERIES}),
         ("segment", {"--method", "--holdout", "--seed", "--proba", *FIT, *SEGMENT}),
     ],
 )
