@@ -100,21 +100,15 @@ def _analysis(args) -> int:
 
     analysis = get_analysis(args.command, "the command line")
     options = analysis.options.from_args(args)
-    from .pipeline.faults import run_faults
+    from .pipeline.faults import results_faults
 
     features = open_features(args.store)
     # a fault reading the store or writing the results: one line
-    with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
+    with results_faults(args.out):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = analysis.run(options, features, Path(args.out))
     print(json.dumps(result, indent=2, default=str))
     return 0
-
-
-_AGAIN = (
-    "rerun the same command (results it did not finish may be partial; a fault reading "
-    "{store!r} means the store is damaged: recompute it)"
-)
 
 
 def _run(args) -> int:

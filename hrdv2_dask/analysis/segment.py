@@ -15,7 +15,7 @@ from .._checks import as_int
 from ..config import Settings, option
 from ..errors import ConfigError, InputError
 from ..io import outputs
-from ..io.readers import open_image
+from ..io.readers import checked_image, open_image
 from ._common import (
     MAX_LABEL,
     check_n_features,
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _SEGMENTER_METHODS = ("random_forest", "logistic")
 _LABEL_REDUCERS = ("mode", "nearest")
+_LABELS_FIX = "The labels file is damaged there: save the labels again, then rerun the same command"
 
 
 def _is_label_array(value: Any) -> bool:
@@ -445,6 +446,7 @@ def run_segment(options: SegmentOptions, features: xr.DataArray, out: Path) -> d
     out = Path(out)
     attrs = run_attrs(options)
     data, _ = open_image(options.labels)
+    data = checked_image(data, name=f"labels file {options.labels!r}", fix=_LABELS_FIX)
     seg, report = _fit_segmenter(features, data[..., 0], options)
     pred = seg.predict(features)
     outputs.write_labels(pred, out / "segmentation.zarr", attrs={**attrs, **report}, overwrite=True)

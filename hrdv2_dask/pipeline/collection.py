@@ -23,7 +23,7 @@ import numpy as np
 from ..config import ClusterSettings, CollectionSettings, FeatureSettings
 from ..errors import ConfigError, Hrdv2Error, InputError, StoreError
 from ..io.collection import CollectionStore, open_collection
-from ..io.readers import open_image
+from ..io.readers import checked_image, open_image
 from ..io.store import RunStore
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..transforms import TransformSet
@@ -223,7 +223,7 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
         opened.append((m, data, meta, bool(row.get("status") == "failed")))
     value_range = features.value_range
     if intensity == "shared" and value_range is None and opened:
-        value_range = shared_value_range([o[1] for o in opened])
+        value_range = shared_value_range([checked_image(o[1], name=o[0].label) for o in opened])
         log.info("shared intensity mapping over %d members: %s", len(opened), value_range)
     jobs = []
     for m, data, meta, was_failed in opened:

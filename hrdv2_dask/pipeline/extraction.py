@@ -191,7 +191,9 @@ def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
         tset = transforms if isinstance(transforms, TransformSet) else TransformSet(transforms)
     name = str(meta.path or "the image")
     grid = plan_grid(meta.shape[:2], features, facts, tset, name=str(meta.path or "array"))
-    value_range = features.value_range or estimate_value_range(data)
+    value_range = features.value_range or estimate_value_range(
+        data, name=repr(name) if meta.path else name
+    )
     compute = resolve_mask(features.mask, data, grid, name=name)
     return plan_run(
         features,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import Hrdv2Error, RunError, StoreWriteError
 
-__all__ = ["describe_fault", "run_faults"]
+__all__ = ["describe_fault", "results_faults", "run_faults"]
 
 log = logging.getLogger(__name__)
 
@@ -125,3 +125,16 @@ def run_faults(store: str | os.PathLike, **describe) -> Iterator[None]:
     except Exception as err:
         log.debug("the run writing %s failed", store, exc_info=err)
         raise describe_fault(err, store=store, **describe) from err
+
+
+_AGAIN = (
+    "rerun the same command (outputs it did not finish were not written: each one appears "
+    "only once complete)"
+)
+
+
+def results_faults(out: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """:func:`run_faults` for an analysis or workflow writing its results into folder ``out``:
+    a fault while writing (no space, read-only, permission denied) names ``out``; a damaged
+    feature store or input file is named by its own one-line error."""
+    return run_faults(out, what="results folder", then=_AGAIN)
