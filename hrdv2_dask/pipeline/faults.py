@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import Hrdv2Error, RunError, StoreWriteError
 
-__all__ = ["describe_fault", "results_faults", "run_faults"]
+__all__ = ["describe_fault", "is_store_fault", "results_faults", "run_faults"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,29 @@ def describe_fault(
     return RunError(
         f"The run writing {what} {str(store)!r} failed: {type(err).__name__}: {detail}. Fix the "
         f"cause (-v shows the traceback), then {then}."
+    )
+
+
+_STORE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def is_store_fault(err: BaseException) -> bool:
+    """Whether ``err`` is a fault of the output store (no space, read-only, permission denied,
+    quota) that ends the whole run, rather than a fault of one input.
+
+    Reads of the inputs raise :class:`~hrdv2_dask.errors.Hrdv2Error` s of their own
+    (:class:`~hrdv2_dask.errors.SourceReadError`), so a bare ``OSError`` with one of these
+    codes comes from writing.
+
+    >>> is_store_fault(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> is_store_fault(OSError(errno.ENOENT, "No such file")), is_store_fault(ValueError())
+    (False, False)
+    """
+    if isinstance(err, StoreWriteError):
+        return True
+    return (
+        isinstance(err, OSError) and not isinstance(err, Hrdv2Error) and err.errno in _STORE_ERRNOS
     )
 
 
