@@ -202,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for noisy in ("distributed", "tornado", "asyncio", "tifffile"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # a failed read leaves zarr's other reads pending; asyncio reports them at exit
+    logging.getLogger("asyncio").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
     try:
         return args.func(args)
     except Hrdv2Error as err:
