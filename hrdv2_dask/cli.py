@@ -191,6 +191,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_exit() -> None:
+    """Nothing after the one line: when a read fails, zarr's sibling reads are still pending,
+    and the interpreter reports each at exit ("Exception ignored in ...", "coroutine ... was
+    never awaited"); with -v they are shown."""
+    import warnings
+
+    sys.unraisablehook = lambda unraisable: None
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -208,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Hrdv2Error as err:
         print(f"hrdv2: error: {err}", file=sys.stderr)
+        if not args.verbose:
+            _quiet_exit()
         return 2
     except KeyboardInterrupt:
         print("hrdv2: interrupted; rerun the same command to resume", file=sys.stderr)

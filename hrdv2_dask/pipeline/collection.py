@@ -233,7 +233,9 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
         opened.append((m, data, meta, bool(row.get("status") == "failed")))
     value_range = features.value_range
     if intensity == "shared" and value_range is None and opened:
-        value_range = shared_value_range([checked_image(o[1], name=o[0].label) for o in opened])
+        value_range = shared_value_range(
+            [checked_image(o[1], name=repr(str(o[0].label))) for o in opened]
+        )
         log.info("shared intensity mapping over %d members: %s", len(opened), value_range)
     jobs = []
     for m, data, meta, was_failed in opened:
