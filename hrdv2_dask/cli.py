@@ -212,8 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for noisy in ("distributed", "tornado", "asyncio", "tifffile"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    # a failed read leaves zarr's other reads pending; asyncio reports them at exit
-    logging.getLogger("asyncio").setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
+    # A task's error reaches the user as one line; its worker's report of it ("Compute Failed"),
+    # and asyncio's of the zarr reads it left pending, only with -v.
+    for noisy in ("asyncio", "distributed.worker"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
     try:
         return args.func(args)
     except Hrdv2Error as err:

@@ -47,7 +47,7 @@ def reference(store, tmp_path_factory):
 
 def _last_line(capsys) -> str:
     lines = capsys.readouterr().err.strip().splitlines()
-    assert not any("Traceback" in line for line in lines)
+    assert not any("Traceback" in line for line in lines), "\n".join(lines)
     return lines[-1]
 
 
