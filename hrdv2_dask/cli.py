@@ -101,21 +101,15 @@ def _analysis(args) -> int:
 
     analysis = get_analysis(args.command, "the command line")
     options = analysis.options.from_args(args)
-    from .pipeline.faults import run_faults
+    from .pipeline.faults import results_faults
 
     features = open_store(args.store)
     # a fault reading the store or writing the results: one line
-    with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
+    with results_faults(args.out):
         Path(args.out).mkdir(parents=True, exist_ok=True)
         result = analysis.run(options, features, Path(args.out))
     print(json.dumps(result, indent=2, default=str))
     return 0
-
-
-_AGAIN = (
-    "rerun the same command (results it did not finish may be partial; a fault reading "
-    "{store!r} means the store is damaged: recompute it)"
-)
 
 
 def _index(args) -> int:
@@ -156,11 +150,11 @@ def _apply(args) -> int:
 
     from .analysis.collection import open_store
     from .analysis.models import ApplyOptions, apply_model
-    from .pipeline.faults import run_faults
+    from .pipeline.faults import results_faults
 
     options = ApplyOptions.from_args(args)
     features = open_store(args.store)
-    with run_faults(args.out, what="the results of", then=_AGAIN.format(store=args.store)):
+    with results_faults(args.out):
         result = apply_model(
             args.model, features, Path(args.out), images=options.images, proba=options.proba
         )
@@ -258,6 +252,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_exit() -> None:
+    """Nothing after the one line: when a read fails, zarr's sibling reads are still pending,
+    and the interpreter reports each at exit ("Exception ignored in ...", "coroutine ... was
+    never awaited"); with -v they are shown."""
+    import warnings
+
+    sys.unraisablehook = lambda unraisable: None
+    warnings.filterwarnings("ignore", "coroutine .* was never awaited", RuntimeWarning)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -269,10 +273,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     for noisy in ("distributed", "tornado", "asyncio", "tifffile", "faiss"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # A task's error reaches the user as one line; its worker's report of it ("Compute Failed"),
+    # and asyncio's of the zarr reads it left pending, only with -v.
+    for noisy in ("asyncio", "distributed.worker"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if args.verbose else logging.CRITICAL)
     try:
         return args.func(args)
     except Hrdv2Error as err:
         print(f"hrdv2: error: {err}", file=sys.stderr)
+        if not args.verbose:
+            _quiet_exit()
         return 2
     except KeyboardInterrupt:
         print("hrdv2: interrupted; rerun the same command to resume", file=sys.stderr)

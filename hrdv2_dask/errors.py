@@ -17,6 +17,7 @@ __all__ = [
     "IncompleteStoreError",
     "StoreBusyError",
     "StoreWriteError",
+    "StoreReadError",
     "SourceReadError",
     "RunError",
     "SourceNotFoundError",
@@ -27,6 +28,12 @@ __all__ = [
 
 class Hrdv2Error(Exception):
     """Base class of every error raised on purpose by hrdv2_dask."""
+
+    def __reduce__(self):
+        # Rebuilt from its message: classes that are also an OSError otherwise fail to unpickle
+        # when Dask relays them from a worker with their traceback (``ValueError.__new__`` of an
+        # ``OSError`` subclass "is not safe").
+        return (type(self), self.args)
 
 
 class ConfigError(Hrdv2Error, ValueError):
@@ -59,6 +66,10 @@ class StoreBusyError(StoreError):
 
 class StoreWriteError(StoreError, OSError):
     """A feature store cannot be written during a run: no space, read-only, permission denied."""
+
+
+class StoreReadError(StoreError, OSError):
+    """A feature store cannot be read: a damaged or missing chunk or metadata file."""
 
 
 class SourceReadError(InputError):

@@ -18,7 +18,6 @@ the same here, on the command line and in Python, with the same defaults and lim
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -213,9 +212,22 @@ def run_analysis(step: AnalysisStep, features, out: Path) -> dict:
 
 
 def run_workflow(wf: Workflow | str | os.PathLike, *, client=None, progress: bool = True) -> dict:
-    """Run a workflow: features, then each analysis; returns and writes ``summary.json``."""
+    """Run a workflow: features, then each analysis; returns and writes ``summary.json``.
+
+    A fault reading or writing anywhere in it ends in one line (a
+    :class:`~hrdv2_dask.errors.Hrdv2Error`); outputs appear only once complete.
+    """
+    from .pipeline.faults import results_faults
+
     if not isinstance(wf, Workflow):
         wf = load_workflow(wf)
+    with results_faults(wf.output_dir):
+        return _run_workflow(wf, client=client, progress=progress)
+
+
+def _run_workflow(wf: Workflow, *, client, progress: bool) -> dict:
+    from .io.outputs import write_json
+
     out = Path(wf.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     features = _features_for(wf, out, client=client, progress=progress)
@@ -242,5 +254,5 @@ def run_workflow(wf: Workflow | str | os.PathLike, *, client=None, progress: boo
         log.info("analysis: %s", step.kind)
         # a collection's analyses each write OUT/<analysis>/<key>/, a contact sheet and a summary
         summary["analyses"].append(run_analysis(step, features, out / step.kind if tree else out))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(summary, out / "summary.json")
     return summary

@@ -98,7 +98,7 @@ def test_faults_while_writing_or_reading_are_one_line(store, tmp_path, capsys, m
     monkeypatch.setattr(LocalStore, "set", full)
     assert main(["pca", str(store), str(tmp_path / "pca")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"hrdv2: error: Cannot write the results of {str(tmp_path / 'pca')!r}")
+    assert err.startswith(f"hrdv2: error: Cannot write results folder {str(tmp_path / 'pca')!r}")
     assert "no space left on its device" in err
     monkeypatch.setattr(LocalStore, "set", original)
     damaged = tmp_path / "damaged.zarr"
@@ -107,4 +107,5 @@ def test_faults_while_writing_or_reading_are_one_line(store, tmp_path, capsys, m
     chunk.write_bytes(b"\xff" * 64)
     assert main(["pca", str(damaged), str(tmp_path / "pca2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("hrdv2: error: The run writing the results of ") and "damaged" in err
+    assert err.startswith(f"hrdv2: error: Cannot read feature store {str(damaged)!r}")
+    assert str(chunk) in err and "cannot be read" in err

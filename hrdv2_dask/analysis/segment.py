@@ -17,7 +17,7 @@ from .._checks import as_int
 from ..config import option
 from ..errors import ConfigError, InputError
 from ..io import outputs
-from ..io.readers import open_image
+from ..io.readers import checked_image, open_image
 from ._common import (
     MAX_LABEL,
     check_n_features,
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _SEGMENTER_METHODS = ("random_forest", "logistic")
 _LABEL_REDUCERS = ("mode", "nearest")
+_LABELS_FIX = "The labels file is damaged there: save the labels again, then rerun the same command"
 
 
 def _is_label_array(value: Any) -> bool:
@@ -604,6 +605,13 @@ def _stack_planes(arr: Any, keys: list[str], what: str) -> dict[str, Any]:
     return {key: arr[i] for i, key in enumerate(keys)}
 
 
+def _label_plane(path: str | os.PathLike, **kwargs: Any) -> Any:
+    """Channel 0 of a label image (``kwargs``: ``axes``, ``plane``), lazily; a damaged region
+    raises one line naming the file and its rows when it is read."""
+    data, _ = open_image(path, **kwargs)
+    return checked_image(data, name=f"labels file {str(path)!r}", fix=_LABELS_FIX)[..., 0]
+
+
 def collection_labels(tree: xr.DataTree, labels: Any) -> dict[str, Any]:
     """The label plane of each labelled member: ``key -> (y, x)`` array (lazy where possible).
 
@@ -620,7 +628,7 @@ def collection_labels(tree: xr.DataTree, labels: Any) -> dict[str, Any]:
         if path.is_dir() and not (path / "zarr.json").exists() and not (path / ".zarray").exists():
             files = _label_files(path, keys)
             check_keys(tree, list(files), "Label file for member")
-            return {key: open_image(p)[0][..., 0] for key, p in files.items()}
+            return {key: _label_plane(p) for key, p in files.items()}
         try:
             first = open_image(path, axes="ZYX", plane=0)
         except InputError:
@@ -629,7 +637,7 @@ def collection_labels(tree: xr.DataTree, labels: Any) -> dict[str, Any]:
         planes = int(first.meta.planes or 1)
         if planes != len(keys):
             return _stack_planes(np.empty((planes, 0)), keys, repr(str(path)))
-        return {key: open_image(path, axes="ZYX", plane=i)[0][..., 0] for i, key in enumerate(keys)}
+        return {key: _label_plane(path, axes="ZYX", plane=i) for i, key in enumerate(keys)}
     arr = labels.data if isinstance(labels, xr.DataArray) else labels
     if not hasattr(arr, "shape"):
         arr = np.asarray(arr)
@@ -830,7 +838,7 @@ def run_segment(options: SegmentOptions, features: xr.DataArray | xr.DataTree, o
     if is_tree(features):
         labels: Any = options.labels
     else:
-        labels = open_image(options.labels)[0][..., 0]
+        labels = _label_plane(options.labels)
     seg, report = _fit_segmenter(features, labels, options)
     extra = dict(report)
     if options.save_model:

@@ -19,7 +19,6 @@ import csv
 import io
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,7 @@ import xarray as xr
 import zarr
 
 from ..errors import StoreError
-from .store import ATTR, _check_target, open_features
+from .store import ATTR, _check_target, _clear, open_features
 
 __all__ = [
     "COLLECTION",
@@ -121,8 +120,8 @@ class CollectionStore:
         if self.exists:
             return
         if self.overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        zarr.open_group(self.path, mode="w", zarr_format=3)
+            _clear(self.path)  # but the writer lock, held by the run that replaces it
+        zarr.open_group(self.path, mode="a", zarr_format=3)
         self.exists = True
         self._write()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import getpass
 import json
 import logging
@@ -24,7 +25,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import StoreBusyError, StoreError
+from ..errors import StoreBusyError, StoreError, StoreWriteError
 
 __all__ = ["LOCK_NAME", "WriterLock", "holder_description", "stale_reason"]
 
@@ -101,6 +102,26 @@ def holder_description(holder: Mapping[str, Any]) -> str:
     )
 
 
+_PROBLEMS = {
+    errno.EROFS: "the file system is read-only",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOSPC: "no space left on its device",
+    errno.EDQUOT: "disk quota exceeded",
+}
+
+
+def _unwritable(path: Path, err: OSError) -> StoreWriteError:
+    """The one line for a store whose folder or writer lock cannot be created."""
+    problem = _PROBLEMS.get(err.errno, " ".join(str(err).split()))
+    where = f" ({err.filename})" if err.filename else ""
+    return StoreWriteError(
+        f"Cannot write feature store {str(path)!r}: {problem}{where}. Write to a writable "
+        "location with free space (or give this user write access there), then rerun the same "
+        "command."
+    )
+
+
 class WriterLock:
     """Hold the writer lock of store ``path`` (a context manager; released on any exit).
 
@@ -143,22 +164,34 @@ class WriterLock:
                 f"Output {str(self.path)!r} is an existing file, not a Zarr store. Choose another "
                 "path (e.g. features.zarr)."
             )
-        if not self.path.exists():
-            self.path.mkdir(parents=True)
-            self._made_dir = True
-        token = uuid.uuid4().hex
-        for _ in range(3):
-            try:
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(self._holder(token), f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.token = token
-            return
+        created = False
+        try:
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self._made_dir = True
+            token = uuid.uuid4().hex
+            for _ in range(3):
+                try:
+                    fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    self._take_over_if_stale()
+                    continue
+                created = True
+                with os.fdopen(fd, "w") as f:
+                    json.dump(self._holder(token), f)
+                    f.flush()
+                    os.fsync(f.fileno())
+                self.token = token
+                return
+        except StoreError:
+            raise
+        except OSError as err:  # read-only, permission denied, no space: before any work
+            if created:
+                self.file.unlink(missing_ok=True)  # ours, but not fully written
+            if self._made_dir:
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise _unwritable(self.path, err) from err
         raise StoreBusyError(  # pragma: no cover - three writers raced for a stale lock
             f"Store {str(self.path)!r}: could not take its writer lock ({self.file}); another "
             "run keeps taking it. Rerun when it is done."

@@ -11,16 +11,23 @@ All writers take lazy (dask-backed) :class:`xarray.DataArray` results, such as t
   most viewers read), levels ``0, 1, ...`` each a 2x2 mean of the previous one.
 * :func:`write_png`: a downsampled preview; integer ``(y, x)`` images are labels and are
   coloured with :data:`LABEL_PALETTE`.
+* :func:`write_json`: a JSON summary.
+
+Every writer writes into a hidden sibling (``.NAME.partial-XXXX``) and renames it into place
+once it is complete (:func:`staged`), so an output that exists is finished: a run that fails
+(no space, read-only, a damaged input) leaves the previous output, or none, never half of one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import shutil
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +40,9 @@ from ..errors import ConfigError, InputError, StoreError
 __all__ = [
     "LABEL_PALETTE",
     "PALETTE",
+    "staged",
     "write_array",
+    "write_json",
     "write_labels",
     "write_ome_pyramid",
     "write_png",
@@ -91,25 +100,84 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
-def _prepare_target(path: str | os.PathLike, overwrite: bool) -> Path:
+_PARTIAL = ".partial-"
+
+
+def _check_target(path: str | os.PathLike, overwrite: bool) -> Path:
+    """``path`` as a Path, or a StoreError when it exists and may not be replaced."""
     target = Path(path)
-    if target.exists():
+    if target.exists() or target.is_symlink():
         if not overwrite:
             raise StoreError(
                 f"Output {str(target)!r} already exists; pass overwrite=True to replace it or "
                 "choose a new path."
             )
-        if not target.is_dir():
-            target.unlink()
-        elif any((target / m).exists() for m in _ZARR_MARKERS) or not any(target.iterdir()):
-            shutil.rmtree(target)
-        else:
-            raise StoreError(
-                f"Output {str(target)!r} is a non-empty folder that is not a Zarr store; "
-                "refusing to delete it even with overwrite=True. Choose a new path."
-            )
-    target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_dir() and any(target.iterdir()):
+            if not any((target / m).exists() for m in _ZARR_MARKERS):
+                raise StoreError(
+                    f"Output {str(target)!r} is a non-empty folder that is not a Zarr store; "
+                    "refusing to delete it even with overwrite=True. Choose a new path."
+                )
     return target
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+@contextlib.contextmanager
+def staged(path: str | os.PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+    """Write an output under a temporary sibling and rename it to ``path`` once complete.
+
+    The body writes the file or folder at the yielded path (``.NAME.partial-XXXX`` beside
+    ``path``). When it returns, an old ``path`` is moved aside, the new output renamed into
+    place (one ``rename``, atomic on one file system) and the old one deleted; when it raises,
+    the partial output is deleted and ``path`` is left as it was. Partial outputs of earlier
+    runs that were killed are deleted first.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The finished output (a file or a folder).
+    overwrite : bool, optional
+        Replace an existing ``path``; otherwise an existing one is a :class:`StoreError`
+        (raised before anything is written).
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with staged(out) as tmp:
+    ...     _ = tmp.write_text("done")
+    >>> out.read_text(), sorted(p.name for p in out.parent.iterdir())
+    ('done', ['a.txt'])
+    """
+    target = _check_target(path, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for leftover in target.parent.glob(f".{target.name}{_PARTIAL}*"):
+        _remove(leftover)  # from a run that was killed before it could clean up
+    tmp = target.parent / f".{target.name}{_PARTIAL}{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        old = None
+        if target.exists() or target.is_symlink():
+            old = target.parent / f".{target.name}{_PARTIAL}old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+    except BaseException:
+        _remove(tmp)
+        raise
+    if old is not None:
+        _remove(old)
 
 
 def _check_dataarray(arr: Any, what: str) -> xr.DataArray:
@@ -244,7 +312,6 @@ def write_array(
     if not isinstance(arr, xr.DataArray):
         raise InputError(f"arr must be an xarray.DataArray, got {type(arr).__name__}.")
     var = name or (str(arr.name) if arr.name is not None else "data")
-    target = _prepare_target(path, overwrite)
     data = _regular_chunks(_as_dask(arr))
     out = arr.copy(data=data)
     out.attrs = _jsonable({**arr.attrs, **(attrs or {})})
@@ -252,9 +319,10 @@ def write_array(
     ds = out.to_dataset(name=var)
     for coord in ds.coords.values():
         coord.encoding = {}
-    ds.to_zarr(target, mode="w-", zarr_format=3, consolidated=False, compute=True)
-    log.info("wrote %s %s %s to %s", var, dict(arr.sizes), arr.dtype, target)
-    return target
+    with staged(path, overwrite=overwrite) as tmp:
+        ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, compute=True)
+    log.info("wrote %s %s %s to %s", var, dict(arr.sizes), arr.dtype, path)
+    return Path(path)
 
 
 def write_labels(
@@ -384,58 +452,60 @@ def write_ome_pyramid(
         raise ConfigError(f"chunk_px must be an even int >= 2, got {chunk_px!r}; e.g. 512.")
     if chunk_px < 2 or chunk_px % 2:
         raise ConfigError(f"chunk_px must be an even int >= 2, got {chunk_px!r}; e.g. 512.")
-    target = _prepare_target(path, overwrite)
-    dtype = np.dtype(rgb.dtype)
-    n_channels = rgb.shape[0]
-    root = zarr.open_group(str(target), mode="w-", zarr_format=2)
-    compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
-    datasets = []
-    source = _as_dask(rgb).rechunk((n_channels, chunk_px, chunk_px))
-    for level in range(n_levels):
-        if level:
-            previous = da.from_zarr(root[str(level - 1)], chunks=(n_channels, *(2 * chunk_px,) * 2))
-            source = _coarsen_mean(previous, 2, axis=1, dtype=dtype)
-        array = root.create_array(
-            str(level),
-            shape=source.shape,
-            chunks=(n_channels, chunk_px, chunk_px),
-            dtype=dtype,
-            compressors=compressor,
-            chunk_key_encoding={"name": "v2", "separator": "/"},
-            fill_value=0,
-        )
-        da.store(_regular_chunks(source).rechunk(array.chunks), array, lock=False)
-        factor = float(2**level)
-        shift = (factor - 1) / 2
-        datasets.append(
+    with staged(path, overwrite=overwrite) as tmp:
+        dtype = np.dtype(rgb.dtype)
+        n_channels = rgb.shape[0]
+        root = zarr.open_group(str(tmp), mode="w-", zarr_format=2)
+        compressor = numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+        datasets = []
+        source = _as_dask(rgb).rechunk((n_channels, chunk_px, chunk_px))
+        for level in range(n_levels):
+            if level:
+                previous = da.from_zarr(
+                    root[str(level - 1)], chunks=(n_channels, *(2 * chunk_px,) * 2)
+                )
+                source = _coarsen_mean(previous, 2, axis=1, dtype=dtype)
+            array = root.create_array(
+                str(level),
+                shape=source.shape,
+                chunks=(n_channels, chunk_px, chunk_px),
+                dtype=dtype,
+                compressors=compressor,
+                chunk_key_encoding={"name": "v2", "separator": "/"},
+                fill_value=0,
+            )
+            da.store(_regular_chunks(source).rechunk(array.chunks), array, lock=False)
+            factor = float(2**level)
+            shift = (factor - 1) / 2
+            datasets.append(
+                {
+                    "path": str(level),
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": [1.0, factor, factor]},
+                        {"type": "translation", "translation": [0.0, shift, shift]},
+                    ],
+                }
+            )
+            log.info("OME-Zarr level %d: %s", level, source.shape)
+        root.attrs["multiscales"] = [
             {
-                "path": str(level),
-                "coordinateTransformations": [
-                    {"type": "scale", "scale": [1.0, factor, factor]},
-                    {"type": "translation", "translation": [0.0, shift, shift]},
+                "version": OME_VERSION,
+                "name": name or Path(path).name,
+                "axes": [
+                    {"name": "c", "type": "channel"},
+                    {"name": "y", "type": "space"},
+                    {"name": "x", "type": "space"},
                 ],
+                "datasets": datasets,
+                "type": "mean",
+                "metadata": {
+                    "description": "2x2 mean of the previous level, size ceil(n / 2)",
+                    "method": "hrdv2_dask.io.outputs.write_ome_pyramid",
+                },
             }
-        )
-        log.info("OME-Zarr level %d: %s", level, source.shape)
-    root.attrs["multiscales"] = [
-        {
-            "version": OME_VERSION,
-            "name": name or target.name,
-            "axes": [
-                {"name": "c", "type": "channel"},
-                {"name": "y", "type": "space"},
-                {"name": "x", "type": "space"},
-            ],
-            "datasets": datasets,
-            "type": "mean",
-            "metadata": {
-                "description": "2x2 mean of the previous level, size ceil(n / 2)",
-                "method": "hrdv2_dask.io.outputs.write_ome_pyramid",
-            },
-        }
-    ]
-    root.attrs["omero"] = _omero(n_channels, dtype)
-    return target
+        ]
+        root.attrs["omero"] = _omero(n_channels, dtype)
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,8 +603,22 @@ def write_png(
             pixels = _to_uint8(small, vmin, vmax)
         if pixels.ndim == 3 and pixels.shape[2] == 1:
             pixels = pixels[..., 0]
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(pixels)).save(target, format="PNG")
-    log.info("wrote PNG %s (%d x %d, factor %d)", target, pixels.shape[1], pixels.shape[0], factor)
-    return target
+    with staged(path) as tmp:
+        Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format="PNG")
+    log.info("wrote PNG %s (%d x %d, factor %d)", path, pixels.shape[1], pixels.shape[0], factor)
+    return Path(path)
+
+
+def write_json(value: Any, path: str | os.PathLike) -> Path:
+    """Write ``value`` as indented JSON (numpy scalars and arrays as numbers and lists; other
+    objects as their ``str``); an existing file is replaced once the new one is complete.
+
+    >>> import tempfile
+    >>> p = write_json({"k": np.int64(3)}, Path(tempfile.mkdtemp()) / "summary.json")
+    >>> json.loads(p.read_text())
+    {'k': 3}
+    """
+    text = json.dumps(value, indent=2, default=_json_default)
+    with staged(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

@@ -14,6 +14,7 @@ to ``true`` last, and :func:`open_features` refuses a store without it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -22,18 +23,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 
-from ..errors import IncompleteStoreError, StoreError
+from ..errors import IncompleteStoreError, StoreError, StoreReadError
 from .lock import LOCK_NAME
 
 __all__ = [
     "FEATURES",
     "BlockWriter",
     "RunStore",
+    "StoreChunks",
     "open_features",
 ]
 
@@ -314,7 +317,10 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
     path = Path(store)
     if not (path / "zarr.json").exists():
         raise StoreError(f"{str(path)!r} is not a Zarr v3 feature store (no zarr.json).")
-    meta = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict().get(ATTR)
+    try:
+        meta = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict().get(ATTR)
+    except Exception as err:  # noqa: BLE001 - an unreadable zarr.json, whatever the reason
+        raise _damaged(path, "its metadata file zarr.json cannot be read", err) from err
     if not isinstance(meta, dict):
         raise StoreError(f"{str(path)!r} is a Zarr store but not a hrdv2_dask feature store.")
     if not meta.get("complete"):
@@ -325,8 +331,20 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
     with warnings.catch_warnings():
         # a run holding the writer lock (e.g. one about to --overwrite): not a Zarr node
         warnings.filterwarnings("ignore", f"Object at {LOCK_NAME} is not recognized")
-        ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
-    arr = ds[FEATURES]
+        try:
+            ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
+            arr = ds[FEATURES]
+        except Exception as err:  # noqa: BLE001 - a missing or damaged features/zarr.json
+            raise _damaged(path, f"its array {FEATURES!r} cannot be opened", err) from err
+    # every chunk exists in a store computed without a mask: a missing one is damage, not NaN
+    chunks = StoreChunks(
+        path, arr.shape, arr.dtype, all_written=meta["settings"].get("mask") is None
+    )
+    arr = arr.copy(
+        data=da.from_array(
+            chunks, chunks=arr.data.chunks, meta=np.empty((0,) * 3, arr.dtype), inline_array=True
+        )
+    )
     settings, prov = meta["settings"], meta.get("provenance", {})
     stride = int(settings["out_stride"])
     coords = {
@@ -346,3 +364,99 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
     arr.attrs.pop("_FillValue", None)
     arr.name = FEATURES
     return arr
+
+
+_RECOMPUTE = (
+    "The store is damaged: compute it again (the same `hrdv2 features` command with "
+    "--overwrite), or restore it from a copy."
+)
+
+
+def _damaged(path: Path, what: str, err: BaseException) -> StoreReadError:
+    detail = " ".join(str(err).split()) or "(no message)"
+    return StoreReadError(
+        f"Cannot read feature store {str(path)!r}: {what} ({type(err).__name__}: {detail}). "
+        f"{_RECOMPUTE}"
+    )
+
+
+class StoreChunks:
+    """The ``features`` array of a complete store, read region by region for dask.
+
+    A chunk that cannot be read (a damaged or vanished file), or is missing in a store whose
+    every chunk was written (computed without a mask), raises :class:`StoreReadError` naming
+    the chunk's file and its rows and columns; elsewhere a chunk never written reads as NaN.
+    Travels to workers as its path (the Zarr array is reopened there).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, shape: tuple[int, ...], dtype, *, all_written: bool
+    ) -> None:
+        self.path = str(path)
+        self.shape = tuple(int(n) for n in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = len(self.shape)
+        self.all_written = all_written
+        self._array = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        stamp = os.stat(os.path.join(self.path, FEATURES, "zarr.json")).st_mtime_ns
+        return ("StoreChunks", self.path, self.shape, str(self.dtype), stamp)
+
+    def _open(self):
+        if self._array is None:
+            self._array = zarr.open_array(
+                os.path.join(self.path, FEATURES), mode="r", zarr_format=3
+            )
+        return self._array
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        array = self._open()
+        try:
+            if self.all_written:
+                for coords in self._chunk_coords(key, array.chunks):
+                    name = array.metadata.encode_chunk_key(coords)
+                    if not os.path.exists(os.path.join(self.path, FEATURES, name)):
+                        raise self._error(array, coords, "is missing", None)
+            return array[key]
+        except StoreReadError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a codec's or the file system's error
+            raise self._error(array, self._bad_chunk(array, key), "cannot be read", err) from err
+
+    def _chunk_coords(self, key, chunks) -> list[tuple[int, ...]]:
+        ranges = []
+        for k, n, c in zip(key, self.shape, chunks, strict=True):
+            start, stop, _ = k.indices(n)
+            ranges.append(range(start // c, -(-stop // c)))
+        return list(itertools.product(*ranges))
+
+    def _bad_chunk(self, array, key) -> tuple[int, ...]:
+        """The first chunk of ``key`` that fails to read alone (only on the failure path)."""
+        coords = self._chunk_coords(key, array.chunks)
+        for cell in coords:
+            region = tuple(
+                slice(i * c, (i + 1) * c) for i, c in zip(cell, array.chunks, strict=True)
+            )
+            try:
+                array[region]
+            except Exception:  # noqa: BLE001 - this one is damaged
+                return cell
+        return coords[0]
+
+    def _error(self, array, coords, problem: str, err: BaseException | None) -> StoreReadError:
+        name = array.metadata.encode_chunk_key(coords)
+        _, cy, cx = array.chunks
+        rows = f"{coords[1] * cy}:{min((coords[1] + 1) * cy, self.shape[1])}"
+        cols = f"{coords[2] * cx}:{min((coords[2] + 1) * cx, self.shape[2])}"
+        why = ""
+        if err is not None:
+            why = f" ({type(err).__name__}: {' '.join(str(err).split()) or '(no message)'})"
+        return StoreReadError(
+            f"Cannot read feature store {self.path!r}: its chunk file "
+            f"{os.path.join(self.path, FEATURES, name)} (output rows {rows}, cols {cols}) "
+            f"{problem}{why}. {_RECOMPUTE}"
+        )

@@ -259,7 +259,7 @@ def _local_cluster(*, workers: int | None, device: str):
         threads_per_worker=1,
         processes=True,
         dashboard_address=None,
-        silence_logs=logging.ERROR,
+        silence_logs=_worker_log_level(),
         env={v: share for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")},
     )
     if device.startswith("cuda"):
@@ -267,6 +267,12 @@ def _local_cluster(*, workers: int | None, device: str):
     log.info("starting a local Dask cluster: %d worker(s), %d core(s)", n, cpu_count())
     with _pre_spawn_environ():
         return LocalCluster(**kwargs)
+
+
+def _worker_log_level() -> int:
+    """Embedded workers log nothing but crashes: a task's error reaches the user as the one
+    line of :mod:`.faults` (its traceback with -v, when their errors are logged too)."""
+    return logging.ERROR if log.isEnabledFor(logging.DEBUG) else logging.CRITICAL
 
 
 def _cuda_cluster(*, workers: int | None, device: str):
@@ -282,7 +288,7 @@ def _cuda_cluster(*, workers: int | None, device: str):
             threads_per_worker=1,
             resources={"GPU": 1},
             dashboard_address=None,
-            silence_logs=logging.ERROR,
+            silence_logs=_worker_log_level(),
         )
 
 

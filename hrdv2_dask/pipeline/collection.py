@@ -23,13 +23,15 @@ import numpy as np
 from ..config import ClusterSettings, CollectionSettings, FeatureSettings
 from ..errors import ConfigError, Hrdv2Error, InputError, StoreError
 from ..io.collection import CollectionStore, open_collection
-from ..io.readers import open_image
+from ..io.lock import WriterLock
+from ..io.readers import checked_image, open_image
 from ..io.store import RunStore
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..transforms import TransformSet
 from .cluster import cluster_client, task_resources
 from .execute import Run
 from .extraction import _plan, deployment, load_recipe, prepare_blocks, split_options
+from .faults import is_store_fault, run_faults
 from .graph import SourceReader
 from .members import Member, list_members
 from .plan import RunPlan, transform_set
@@ -38,6 +40,8 @@ from .workers import backbone_on_workers
 __all__ = ["extract_collection", "shared_value_range"]
 
 log = logging.getLogger(__name__)
+
+_RESUME = "rerun the same command to resume (members done are kept; the others are computed)"
 
 
 def shared_value_range(datas: list, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
@@ -159,25 +163,31 @@ def extract_collection(
         features, cluster, device, embedded=embedded, store=store
     )
     probe = _plan_probe(features, facts, transforms)
-    cstore = CollectionStore(
-        store,
-        settings=_root_settings(features, facts, probe, intensity),
-        overwrite=features.overwrite,
-    )
-    cstore.create()
-    jobs = _jobs(
-        members, cstore, features, facts, transforms, intensity, coll.retry_failed, precision
-    )
-    if jobs:
-        with cluster_client(
-            client,
-            scheduler=cluster.scheduler,
-            cluster=cluster.kind,
-            workers=cluster.workers,
-            device=device,
-            slurm=cluster.slurm,
-        ) as c:
-            _execute(c, jobs, cstore, recipe, device, progress)
+    # As for one image: one writer at a time, --overwrite never deletes a store a live run
+    # holds, and a fault of the store (no space, read-only...) ends the run in one line.
+    with (
+        WriterLock(store, stale_after_s=features.stale_lock_hours * 3600),
+        run_faults(store, what="collection store", then=_RESUME),
+    ):
+        cstore = CollectionStore(
+            store,
+            settings=_root_settings(features, facts, probe, intensity),
+            overwrite=features.overwrite,
+        )
+        cstore.create()
+        jobs = _jobs(
+            members, cstore, features, facts, transforms, intensity, coll.retry_failed, precision
+        )
+        if jobs:
+            with cluster_client(
+                client,
+                scheduler=cluster.scheduler,
+                cluster=cluster.kind,
+                workers=cluster.workers,
+                device=device,
+                slurm=cluster.slurm,
+            ) as c:
+                _execute(c, jobs, cstore, recipe, device, progress)
     rows = cstore.rows.values()
     failed = [r["key"] for r in rows if r.get("status") == "failed"]
     log.info(
@@ -223,7 +233,9 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
         opened.append((m, data, meta, bool(row.get("status") == "failed")))
     value_range = features.value_range
     if intensity == "shared" and value_range is None and opened:
-        value_range = shared_value_range([o[1] for o in opened])
+        value_range = shared_value_range(
+            [checked_image(o[1], name=repr(str(o[0].label))) for o in opened]
+        )
         log.info("shared intensity mapping over %d members: %s", len(opened), value_range)
     jobs = []
     for m, data, meta, was_failed in opened:
@@ -264,7 +276,7 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                 run = Run(
                     client,
                     job.plan.blocks,
-                    SourceReader(job.data),
+                    SourceReader(job.data, name=repr(str(job.member.label))),
                     recipe if backbone is None else backbone,
                     resources,
                     progress,
@@ -275,6 +287,8 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                 tasks, weights = run.block_tasks(plan.blocks, done, bias)
                 job.tasks, job.weights = tuple(tasks), tuple(weights)
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
+                if is_store_fault(err):
+                    raise  # the store's, not the member's: it ends the run
                 job.error = _one_line(err)
                 cstore.record(job.member.key, status="failed", error=job.error)
         if backbone is not None:  # any member's Run gathers them all
@@ -307,6 +321,8 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         job = live[n]
         left[n] -= 1
         if isinstance(result, BaseException):
+            if is_store_fault(result):
+                raise result  # no space, read-only...: every member would fail the same way
             if job.error is None:
                 job.error = _one_line(result)
                 cstore.record(job.member.key, status="failed", error=job.error)

@@ -189,9 +189,9 @@ def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
         tset = transform_set(features, facts.patch_size)
     else:
         tset = transforms if isinstance(transforms, TransformSet) else TransformSet(transforms)
-    name = str(meta.path or "the image")
+    name = repr(str(meta.path)) if meta.path else "the image"
     grid = plan_grid(meta.shape[:2], features, facts, tset, name=str(meta.path or "array"))
-    value_range = features.value_range or estimate_value_range(data)
+    value_range = features.value_range or estimate_value_range(data, name=name)
     compute = resolve_mask(features.mask, data, grid, name=name)
     return plan_run(
         features,

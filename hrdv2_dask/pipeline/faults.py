@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import Hrdv2Error, RunError, StoreWriteError
 
-__all__ = ["describe_fault", "run_faults"]
+__all__ = ["describe_fault", "is_store_fault", "results_faults", "run_faults"]
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +114,29 @@ def describe_fault(
     )
 
 
+_STORE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def is_store_fault(err: BaseException) -> bool:
+    """Whether ``err`` is a fault of the output store (no space, read-only, permission denied,
+    quota) that ends the whole run, rather than a fault of one input.
+
+    Reads of the inputs raise :class:`~hrdv2_dask.errors.Hrdv2Error` s of their own
+    (:class:`~hrdv2_dask.errors.SourceReadError`), so a bare ``OSError`` with one of these
+    codes comes from writing.
+
+    >>> is_store_fault(OSError(errno.ENOSPC, "No space left on device"))
+    True
+    >>> is_store_fault(OSError(errno.ENOENT, "No such file")), is_store_fault(ValueError())
+    (False, False)
+    """
+    if isinstance(err, StoreWriteError):
+        return True
+    return (
+        isinstance(err, OSError) and not isinstance(err, Hrdv2Error) and err.errno in _STORE_ERRNOS
+    )
+
+
 @contextlib.contextmanager
 def run_faults(store: str | os.PathLike, **describe) -> Iterator[None]:
     """Re-raise every failure inside as the one-line error of :func:`describe_fault` (with the
@@ -125,3 +148,16 @@ def run_faults(store: str | os.PathLike, **describe) -> Iterator[None]:
     except Exception as err:
         log.debug("the run writing %s failed", store, exc_info=err)
         raise describe_fault(err, store=store, **describe) from err
+
+
+_AGAIN = (
+    "rerun the same command (outputs it did not finish were not written: each one appears "
+    "only once complete)"
+)
+
+
+def results_faults(out: str | os.PathLike) -> contextlib.AbstractContextManager[None]:
+    """:func:`run_faults` for an analysis or workflow writing its results into folder ``out``:
+    a fault while writing (no space, read-only, permission denied) names ``out``; a damaged
+    feature store or input file is named by its own one-line error."""
+    return run_faults(out, what="results folder", then=_AGAIN)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..ensemble import highres_features, position_bias
-from ..errors import SourceReadError
+from ..io.readers import read_region
 from ..io.store import BlockWriter
 from ..preprocess import normalize_batch
 from ..tiling import reflect_index
@@ -55,21 +55,13 @@ class SourceReader:
         self.name = name
 
     def __getitem__(self, key):
-        try:
-            region = self.array[key]
-            if hasattr(region, "compute"):
-                region = region.compute(scheduler="sync")
-            return np.asarray(region)
-        except MemoryError:
-            raise
-        except Exception as err:
-            rows, cols = (f"{k.start}:{k.stop}" if isinstance(k, slice) else k for k in key[:2])
-            detail = " ".join(str(err).split()) or "(no message)"
-            raise SourceReadError(
-                f"Cannot read rows {rows}, cols {cols} of {self.name}: {type(err).__name__}: "
-                f"{detail}. The file is damaged there (or changed during the run): repair or "
-                "replace it, or mask that region out, then rerun the same command to resume."
-            ) from err
+        return read_region(self.array, key, name=self.name, fix=_SOURCE_FIX)
+
+
+_SOURCE_FIX = (
+    "The file is damaged there (or changed during the run): repair or replace it, or mask that "
+    "region out, then rerun the same command to resume"
+)
 
 
 def _read_windows(source, plan: BlockPlan, windows: list[tuple[int, int]]) -> np.ndarray:

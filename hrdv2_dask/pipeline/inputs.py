@@ -17,7 +17,7 @@ import numpy as np
 
 from ..backbones import FILTERBANK, RandomWeightsWarning, load_backbone, model_spec
 from ..errors import ConfigError, InputError
-from ..io.readers import open_image, read_thumbnail
+from ..io.readers import REPAIR, checked_image, open_image, read_thumbnail
 from ..masking import foreground_mask
 from ..preprocess import fixed_intensity_range, intensity_range, sample_chunk_ids
 from ..tiling import TileGrid, windows_touching
@@ -32,7 +32,9 @@ _AUTO_MASKS = {"auto": "bright", "auto-dark": "dark"}
 _OUTPUT_DEFAULTS = {"layer": -1, "facet": "token", "attention": "none"}
 
 
-def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[float, float]:
+def estimate_value_range(
+    data, *, seed: int = 0, max_chunks: int = 64, name: str = "the image"
+) -> tuple[float, float]:
     """The intensity policy (:func:`hrdv2_dask.preprocess.intensity_range`) on a lazy image.
 
     The dtype range for uint8/bool; otherwise the 0.5/99.5 percentiles of up to ``max_chunks``
@@ -43,7 +45,8 @@ def estimate_value_range(data, *, seed: int = 0, max_chunks: int = 64) -> tuple[
     if fixed is not None:
         return fixed
     ids = sample_chunk_ids(data.numblocks[:2], seed=seed, max_chunks=max_chunks)
-    blocks = dask.compute(*[data.blocks[j, i] for j, i in ids])
+    checked = checked_image(data, name=name, fix=f"{REPAIR} (or give value_range)")
+    blocks = dask.compute(*[checked.blocks[j, i] for j, i in ids])
     sample = np.concatenate([np.asarray(b).reshape(-1, data.shape[-1]) for b in blocks])
     return intensity_range(sample, dtype=data.dtype)
 
@@ -70,16 +73,18 @@ def resolve_mask(mask, data, grid: TileGrid, *, name: str) -> np.ndarray | None:
     if mask is None:
         return None
     if isinstance(mask, str) and mask in _AUTO_MASKS:
-        fg = foreground_mask(read_thumbnail(data, max_side=1024), background=_AUTO_MASKS[mask])
+        thumb = read_thumbnail(data, max_side=1024, name=name, fix=f"{REPAIR}, or use no mask")
+        fg = foreground_mask(thumb, background=_AUTO_MASKS[mask])
         origin = f"mask {mask!r}"
     elif isinstance(mask, np.ndarray):
         if mask.ndim != 2:
             raise InputError(f"A mask array must be 2-D (h, w), got shape {mask.shape}.")
         fg, origin = mask.astype(bool), "the mask array"
     elif isinstance(mask, str | os.PathLike):
-        mdata, _ = open_image(mask)
-        fg = read_thumbnail(mdata, max_side=4096)[..., 0] > 0
         origin = f"mask file {str(mask)!r}"
+        mdata, _ = open_image(mask)
+        fix = "The mask file is damaged: save the mask again (or run without it), then rerun"
+        fg = read_thumbnail(mdata, max_side=4096, name=origin, fix=fix)[..., 0] > 0
     else:
         raise ConfigError(
             f"mask must be 'auto', 'auto-dark', a path to a mask image or a 2-D array, got "

@@ -146,3 +146,25 @@ def test_the_lock_is_released_when_a_run_fails(tmp_path, monkeypatch, local_clie
     with pytest.raises(RuntimeError, match="planted"):
         _extract(store, local_client)
     assert not (store / LOCK_NAME).exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "words"), [(30, "the file system is read-only"), (13, "permission denied")]
+)
+def test_a_store_whose_lock_cannot_be_made_is_one_line(code, words, tmp_path, monkeypatch):
+    from hrdv2_dask.errors import StoreWriteError
+
+    real_open = os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(LOCK_NAME):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(StoreWriteError) as err:
+        WriterLock(store).acquire()
+    msg = str(err.value)
+    assert msg.startswith(f"Cannot write feature store {str(store)!r}: {words}") and "\n" not in msg
+    assert not store.exists()  # the folder it made is removed again

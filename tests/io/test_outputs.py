@@ -70,3 +70,53 @@ def test_assert_valid_ome_zarr_catches_broken_metadata(tmp_path):
     attrs_file.write_text(json.dumps(attrs))
     with pytest.raises(AssertionError, match="version '0.9'"):
         assert_valid_ome_zarr(path)
+
+
+def test_staged_keeps_the_old_output_when_the_new_one_fails(tmp_path):
+    """An output appears only once complete: a failure leaves the old one and no partial one;
+    leftovers of a killed run are removed; a non-Zarr folder is never replaced."""
+    target = tmp_path / "out.zarr"
+    with outputs.staged(target) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("old")
+    with pytest.raises(OSError, match="planted"), outputs.staged(target) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("half")
+        raise OSError(28, "planted")
+    assert (target / "zarr.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+    (tmp_path / ".out.zarr.partial-dead").mkdir()  # a run killed mid-write
+    with outputs.staged(target) as tmp:
+        tmp.mkdir()
+        (tmp / "zarr.json").write_text("new")
+    assert (target / "zarr.json").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.zarr"]
+    with (
+        pytest.raises(outputs.StoreError, match="already exists"),
+        outputs.staged(target, overwrite=False),
+    ):
+        pass
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("mine")
+    with (
+        pytest.raises(outputs.StoreError, match="not a Zarr store"),
+        outputs.staged(tmp_path / "docs"),
+    ):
+        pass
+
+
+def test_writers_leave_nothing_when_the_disk_fills(tmp_path, monkeypatch):
+    from zarr.storage import LocalStore
+
+    async def full(self, key, value):
+        raise OSError(28, "No space left on device", f"{self.root}/{key}")
+
+    monkeypatch.setattr(LocalStore, "set", full)
+    img = _image((300, 200, 3), "uint8")
+    for write, name in [
+        (outputs.write_ome_pyramid, "p.ome.zarr"),
+        (outputs.write_array, "a.zarr"),
+    ]:
+        with pytest.raises(OSError, match="No space"):
+            write(img, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []

@@ -215,3 +215,20 @@ def test_the_cli_prints_one_line_and_exits_2(image, tmp_path, capsys):
     assert rc == 2
     assert err[-1].startswith("hrdv2: error: Cannot read rows ") and str(src) in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_damaged_mask_file_is_one_line_naming_it(image, tmp_path, local_client):
+    mask = np.zeros(image.shape[:2], np.uint8)
+    mask[100:900, 40:200] = 255
+    path = tmp_path / "mask.tif"
+    tifffile.imwrite(path, mask, tile=(64, 64), compression="zlib")
+    with tifffile.TiffFile(path) as tf:
+        offset, count = tf.pages[0].dataoffsets[5], tf.pages[0].databytecounts[5]
+    _overwrite(path, offset, b"\xff" * count)
+    store = tmp_path / "s.zarr"
+    with pytest.raises(SourceReadError) as err:
+        _extract(image, store, local_client, mask=str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith("Cannot read rows 0:1100, cols 0:240 of mask file ")
+    assert str(path) in msg and "save the mask again" in msg
+    assert not (store / "zarr.json").exists()  # nothing written before the plan was made

@@ -27,7 +27,15 @@ from ._base import (
     OpenedImage,
     Reader,
 )
-from .registry import READERS, find_reader, open_image, read_thumbnail
+from .registry import (
+    READERS,
+    REPAIR,
+    checked_image,
+    find_reader,
+    open_image,
+    read_region,
+    read_thumbnail,
+)
 
 __all__ = [
     "DEFAULT_CHUNK_PX",
@@ -41,4 +49,7 @@ __all__ = [
     "find_reader",
     "open_image",
     "read_thumbnail",
+    "read_region",
+    "checked_image",
+    "REPAIR",
 ]

@@ -14,7 +14,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from hrdv2_dask.errors import InputError
+from hrdv2_dask.errors import Hrdv2Error, InputError, SourceReadError
 
 from . import arrays, npy, pillow, tiff, zarr_store
 from ._base import _SUPPORTED, OpenedImage, Reader, _existing_path, _is_int, _parse_chunks
@@ -132,12 +132,89 @@ def open_image(
     return reader.open(source, axes, level=level, chunks_yx=chunks_yx, plane=int(plane))
 
 
-def read_thumbnail(data: da.Array, *, max_side: int = 1024) -> np.ndarray:
+#: What to do about a region of an input image that cannot be read.
+REPAIR = (
+    "The file is damaged there (or changed during the run): repair or replace it, then rerun "
+    "the same command"
+)
+
+
+def _span(k: Any) -> str:
+    """
+    >>> _span(slice(0, 10)), _span(slice(0, 10, 3)), _span(4)
+    ('0:10', '0:10:3', '4')
+    """
+    if not isinstance(k, slice):
+        return str(k)
+    return f"{k.start}:{k.stop}" + (f":{k.step}" if k.step not in (None, 1) else "")
+
+
+def read_region(
+    data: Any, key: tuple, *, name: str, fix: str = REPAIR, scheduler: str | None = "sync"
+) -> np.ndarray:
+    """``data[key]`` as numpy (computed here with ``scheduler`` when ``data`` is lazy; the
+    default, ``"sync"``, suits a call inside a task; ``None`` is dask's current scheduler).
+
+    A region that cannot be read raises :class:`~hrdv2_dask.errors.SourceReadError` naming
+    ``name``, the rows and columns of ``key`` and the original error, and ending with ``fix``.
+    """
+    try:
+        region = data[key]
+        if hasattr(region, "compute"):
+            region = region.compute(scheduler=scheduler)
+        return np.asarray(region)
+    except (MemoryError, Hrdv2Error):
+        raise
+    except Exception as err:
+        rows, cols = (_span(k) for k in (*key, slice(None), slice(None))[:2])
+        detail = " ".join(str(err).split()) or "(no message)"
+        raise SourceReadError(
+            f"Cannot read rows {rows}, cols {cols} of {name}: {type(err).__name__}: {detail}. "
+            f"{fix}."
+        ) from err
+
+
+class _Regions:
+    """A lazy image whose regions :func:`read_region` reads (for :func:`checked_image`)."""
+
+    def __init__(self, data: da.Array, name: str, fix: str) -> None:
+        self.data, self.name, self.fix = data, name, fix
+        self.shape, self.dtype, self.ndim = data.shape, data.dtype, data.ndim
+
+    def __getitem__(self, key: tuple) -> np.ndarray:
+        return read_region(self.data, key, name=self.name, fix=self.fix)
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        return ("checked", self.data.name, self.name)
+
+
+def checked_image(data: da.Array, *, name: str, fix: str = REPAIR) -> da.Array:
+    """``data`` (an image from :func:`open_image`), lazily, with the same chunks; a chunk that
+    cannot be read raises :class:`~hrdv2_dask.errors.SourceReadError` naming ``name`` and
+    the chunk's rows and columns, instead of the reader's own exception.
+
+    >>> data, _ = open_image(np.arange(6, dtype=np.uint8).reshape(2, 3))
+    >>> checked_image(data, name="x").compute()[..., 0].tolist()
+    [[0, 1, 2], [3, 4, 5]]
+    """
+    return da.from_array(
+        _Regions(data, name, fix),
+        chunks=data.chunks,
+        meta=np.empty((0,) * data.ndim, data.dtype),
+        inline_array=False,  # one graph key holds the wrapped image, not every task
+    )
+
+
+def read_thumbnail(
+    data: da.Array, *, max_side: int = 1024, name: str = "the image", fix: str = REPAIR
+) -> np.ndarray:
     """A subsampled copy of an opened image, at most ``max_side`` px along its longer side.
 
     Every ``s``-th pixel (``s = ceil(max(H, W) / max_side)``) of a ``(y, x, c)`` array from
     :func:`open_image`, read chunk by chunk; pixel ``(r, c)`` of the result is image pixel
-    ``(r * s, c * s)``. Each source chunk is read once (no pyramid level is needed).
+    ``(r * s, c * s)``. Each source chunk is read once (no pyramid level is needed). A chunk
+    that cannot be read raises :class:`~hrdv2_dask.errors.SourceReadError` naming ``name``
+    and ending with ``fix``.
 
     Examples
     --------
@@ -148,7 +225,8 @@ def read_thumbnail(data: da.Array, *, max_side: int = 1024) -> np.ndarray:
     if max_side < 1:
         raise InputError(f"max_side must be >= 1, got {max_side!r}.")
     step = max(1, -(-max(data.shape[:2]) // int(max_side)))
-    return np.asarray(data[::step, ::step].compute())
+    key = (slice(0, data.shape[0], step), slice(0, data.shape[1], step))
+    return read_region(data, key, name=name, fix=fix, scheduler=None)
 
 
 def _unsupported(source: Any) -> InputError:
