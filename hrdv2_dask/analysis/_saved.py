@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..io import outputs
 
 __all__ = ["FORMAT", "TRUSTED", "read_fields", "save_fields"]
 
@@ -41,7 +42,6 @@ def save_fields(
             f"Cannot save the model to {str(path)!r}: it is an existing file; a model is a "
             "folder, choose another path (e.g. model/)."
         )
-    path.mkdir(parents=True, exist_ok=True)
     arrays = {k: np.asarray(v) for k, v in fields.items() if isinstance(v, np.ndarray)}
     meta = {
         "format": FORMAT,
@@ -51,12 +51,14 @@ def save_fields(
         "arrays": sorted(arrays),
         "estimator": estimator is not None,
     }
-    np.savez(path / "arrays.npz", **arrays)
-    if estimator is not None:
-        import skops.io
+    with outputs.staged(path) as tmp:  # a model appears only once all its files are written
+        tmp.mkdir()
+        np.savez(tmp / "arrays.npz", **arrays)
+        if estimator is not None:
+            import skops.io
 
-        skops.io.dump(estimator, path / "estimator.skops")
-    (path / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+            skops.io.dump(estimator, tmp / "estimator.skops")
+        (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=str))
     return path
 
 
