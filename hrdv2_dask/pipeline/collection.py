@@ -178,6 +178,7 @@ def extract_collection(
             slurm=cluster.slurm,
         ) as c:
             _execute(c, jobs, cstore, recipe, device, progress)
+    cstore.consolidate()  # plain xarray opens it now
     rows = cstore.rows.values()
     failed = [r["key"] for r in rows if r.get("status") == "failed"]
     log.info(

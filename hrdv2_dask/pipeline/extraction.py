@@ -22,7 +22,7 @@ from ..device import check_device, cpu_count, resolve_device
 from ..heads import LinearHead
 from ..io.lock import WriterLock
 from ..io.readers import open_image
-from ..io.store import RunStore, open_features
+from ..io.store import RunStore, open_features, publish_metadata
 from ..precision import recorded_precision
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
@@ -123,6 +123,7 @@ def extract(
         run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
         if run_store.complete:
             log.info("%s is already complete with these settings; nothing to do", store)
+            publish_metadata(store)  # a store of an older version, or not yet consolidated
             return open_features(store)
         t0 = time.perf_counter()
         source = SourceReader(data, name=repr(str(meta.path)) if meta.path else "the image")
