@@ -89,7 +89,9 @@ def _one_line(err: BaseException) -> str:
 
 def _root_settings(features: FeatureSettings, facts, tset, intensity: str) -> dict[str, Any]:
     """What every member shares: the collection's settings, stored once at the root."""
+    picked = {} if features.channels is None else {"channels": list(features.channels)}
     return {
+        **picked,
         "model": facts.name,
         "weights": "random" if facts.random_weights else str(features.weights or "default"),
         "random_weights": facts.random_weights,
@@ -217,7 +219,9 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
             continue
         level = features.level if m.level is None else m.level
         try:
-            data, meta = open_image(m.source, features.axes, level=level, plane=m.plane)
+            data, meta = open_image(
+                m.source, features.axes, level=level, plane=m.plane, channels=features.channels
+            )
         except Hrdv2Error as err:
             cstore.record(m.key, **_row(m, status="failed", error=_one_line(err)))
             continue
