@@ -33,7 +33,7 @@ from .extraction import _plan, deployment, load_recipe, prepare_blocks, split_op
 from .graph import SourceReader
 from .members import Member, list_members
 from .plan import RunPlan, transform_set
-from .workers import backbone_on_workers
+from .workers import backbone_on_workers, progress_topic
 
 __all__ = ["extract_collection", "shared_value_range"]
 
@@ -81,6 +81,7 @@ class _Job:
     tasks: tuple = ()
     weights: tuple = ()
     error: str | None = None
+    topic: str | None = None  # where its block tasks report their windows
 
 
 def _one_line(err: BaseException) -> str:
@@ -275,6 +276,7 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                     progress,
                 )
                 backbone = run.backbone  # shipped once, shared by every member's tasks
+                job.topic = progress_topic(run.run_id)
                 plan, done, bias = prepare_blocks(run, job.plan, job.store)
                 job.plan = plan
                 tasks, weights = run.block_tasks(plan.blocks, done, bias)
@@ -325,8 +327,27 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         return
     megapixels = sum(j.plan.megapixels for j in live)
     gatherer.gather(
-        tasks, weights, desc="windows", megapixels=megapixels, keep_errors=True, on_done=on_done
+        tasks,
+        weights,
+        desc="windows",
+        megapixels=megapixels,
+        keep_errors=True,
+        on_done=on_done,
+        topics=[j.topic for j in live],  # one bar over the windows of every member
+        status=lambda: _members_status(cstore.rows.values()),
     )
+
+
+def _members_status(rows) -> str:
+    """The bar's text of a collection: members done (of all) and failed.
+
+    >>> _members_status([{"status": "done"}, {"status": "failed"}, {"status": "pending"}])
+    'members: 1/3 done, 1 failed'
+    """
+    rows = list(rows)
+    done = sum(r.get("status") == "done" for r in rows)
+    failed = sum(r.get("status") == "failed" for r in rows)
+    return f"members: {done}/{len(rows)} done, {failed} failed"
 
 
 def _signature() -> inspect.Signature:
