@@ -48,7 +48,7 @@ __all__ = ["add_arguments", "factor_pair", "matching_side", "run", "run_collecti
 
 log = logging.getLogger(__name__)
 
-QUICK = {"images": 4, "size": 96, "loop": 1, "tile": 56}
+QUICK = {"images": 4, "size": 112, "loop": 1, "tile": 112}
 
 
 def factor_pair(n: int) -> tuple[int, int]:
@@ -133,9 +133,9 @@ def _timed_collection(paths: list[Path], store: Path, options: dict[str, Any]) -
         hd.extract_collection([str(p) for p in paths], store, **options)
         wall = time.perf_counter() - t0
     rows = hd.open_collection(store).attrs["members"]
-    failed = [r["key"] for r in rows if r["status"] != "done"]
+    failed = [f"{r['key']}: {r['error']}" for r in rows if r["status"] != "done"]
     if failed:
-        raise RuntimeError(f"members not done: {failed}")
+        raise RuntimeError(f"members not done: {failed[:3]}")
     windows = sum(int(r["windows"]) for r in rows)
     shutil.rmtree(store, ignore_errors=True)
     return {"images": len(paths), "windows": windows, "wall_s": wall}

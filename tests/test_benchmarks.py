@@ -281,7 +281,7 @@ def test_core_smoke(tmp_path, capsys):
     assert "highres_features" in capsys.readouterr().out
 
 
-@pytest.mark.slow  # two embedded clusters and a `hrdv2 features` process: ~30 s on 2 cores
+@pytest.mark.slow  # two embedded clusters and a `hrdv2 features` process: ~45 s on 2 cores
 def test_collection_smoke(tmp_path):
     """``collection --quick``: the same windows in the collection and the one image, a loop."""
     argv = ["collection", "--quick", "--device", "cpu", "--model-options", TINY]
