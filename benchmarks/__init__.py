@@ -14,6 +14,9 @@ Suites (one module each):
 ``mask``
     Background skipping: ``extract`` on a slide-like image that is 60 % glass, without and with
     ``mask="auto"`` (wall time, windows computed, speed-up, foreground identical).
+``collection``
+    Many small images in one ``extract_collection`` run against one image of as many windows
+    (throughput ratio) and against a shell loop of ``hrdv2 features`` (speed-up).
 ``profile``
     Where an end-to-end run spends its time inside the worker processes (Dask's statistical
     profiler): share of samples per function.
@@ -32,4 +35,14 @@ Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
 :mod:`benchmarks.metrics`; shared helpers in :mod:`benchmarks.common`.
 """
 
-SUITES = ("core", "e2e", "seams", "mask", "quality", "profile", "fidelity", "retrieval")
+SUITES = (
+    "core",
+    "e2e",
+    "seams",
+    "mask",
+    "collection",
+    "quality",
+    "profile",
+    "fidelity",
+    "retrieval",
+)

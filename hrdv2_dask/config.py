@@ -81,6 +81,12 @@ def _device(value: Any) -> str | None:
     return None
 
 
+def _channels(value: Any) -> str | None:
+    if 1 <= len(value) <= 3 and len(set(value)) == len(value):
+        return None
+    return "one to three distinct channel indices (R, G, B in that order), e.g. 0,2,4"
+
+
 def _positive_window(value: Any) -> str | None:
     return None if value[0] < value[1] else "(low, high) with low < high"
 
@@ -170,6 +176,15 @@ class FeatureSettings(Settings):
         metavar="LOW,HIGH",
     )
     axes: str | None = option(None, "axes of the source, e.g. CYX (default: from the file)")
+    channels: tuple[int, ...] | None = option(
+        None,
+        "source channels the model sees as R, G, B, in that order (up to three; one: gray; "
+        "two: B zero), e.g. 0,2,4; needed for images of more than 4 channels",
+        minimum=0,
+        check=_channels,
+        metavar="C,C,C",
+        fix="Channels are counted from 0 in the source's channel axis.",
+    )
     level: int = option(0, "pyramid level of the source (0 = full resolution)", minimum=0)
     plane: int | None = option(
         None,

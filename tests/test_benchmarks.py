@@ -45,7 +45,8 @@ TINY = "embed_dim=64,depth=2,num_heads=4"
 
 
 @pytest.mark.parametrize(
-    "name", ["metrics", "common", "core", "e2e", "seams", "quality", "profile", "__main__"]
+    "name",
+    ["metrics", "common", "core", "e2e", "seams", "quality", "profile", "collection", "__main__"],
 )
 def test_doctests(name):
     module = importlib.import_module(f"benchmarks.{name}")
@@ -320,6 +321,19 @@ def test_fidelity_compare_against_numpy():
     cos = (an * bn).sum(0) / np.linalg.norm(an, axis=0) / np.linalg.norm(bn, axis=0)
     assert got["cos_min"] == pytest.approx(cos.min())
     assert got["cos_mean"] == pytest.approx(cos.mean())
+
+
+@pytest.mark.slow  # two embedded clusters and a `hrdv2 features` process: ~45 s on 2 cores
+def test_collection_smoke(tmp_path):
+    """``collection --quick``: the same windows in the collection and the one image, a loop."""
+    argv = ["collection", "--quick", "--device", "cpu", "--model-options", TINY]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "collection.json").read_text())
+    runs = [r["run"] for r in result["rows"]]
+    assert runs[0].startswith("extract_collection, 4 images") and runs[1].startswith("extract,")
+    assert result["windows_equal"] and result["rows"][0]["windows"] == result["rows"][1]["windows"]
+    assert result["throughput_ratio"] > 0 and result["loop_speedup"] > 0
+    assert "shell loop" in runs[2] and "Throughput" in (tmp_path / "collection.md").read_text()
 
 
 def test_profile_smoke(tmp_path):

@@ -3,7 +3,8 @@
 Layout::
 
     collection.zarr/
-      zarr.json       attrs ``hrdv2_collection``: the settings (once) and the members table
+      zarr.json       attrs ``settings`` (once, for all members), ``members`` (the table) and
+                      ``hrdv2_collection`` (the mark of a collection store)
       <key>/          one feature store per member (:mod:`hrdv2_dask.io.store`), opened by
                       :func:`~hrdv2_dask.io.store.open_features` like any other
 
@@ -11,11 +12,18 @@ The members table has one row per image: ``key``, ``source``, ``shape``, ``pixel
 ``status`` (``done``, ``failed`` or ``pending``), ``error`` (one line), ``windows`` (computed
 in the run that finished it) and ``seconds``. :func:`open_collection` opens it all lazily as
 an :class:`xarray.DataTree`.
+
+When a run ends, the root's metadata is consolidated over the ``done`` members (each itself
+consolidated when it completed), so ``xarray.open_datatree(store, engine="zarr")`` gives the
+tree :func:`open_collection` gives, without a warning; every change to the table drops that
+consolidation until the run ends again, so a collection being written is never taken for a
+finished one.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -24,9 +32,11 @@ from typing import Any
 
 import xarray as xr
 import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.group import ConsolidatedMetadata
 
 from ..errors import StoreError
-from .store import ATTR, _check_target, _clear, open_features
+from .store import ATTR, _check_target, _clear, open_features, publish_metadata
 
 __all__ = [
     "COLLECTION",
@@ -39,8 +49,9 @@ __all__ = [
     "read_members",
 ]
 
-#: The root group attribute of a collection store.
+#: The root group attribute that marks a collection store.
 COLLECTION = "hrdv2_collection"
+_FORMAT = 2  # 1: settings and members inside the COLLECTION attribute
 #: Columns of the members table.
 TABLE_COLUMNS = ("key", "source", "shape", "pixel_size", "status", "error", "windows", "seconds")
 #: Values of its ``status`` column.
@@ -60,10 +71,19 @@ def _root_attrs(path: Path) -> dict[str, Any] | None:
         raise StoreError(f"Cannot open existing store {str(path)!r}: {err}") from err
 
 
+def _collection_meta(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``{"settings", "members"}`` of a collection's root attrs; None: not a collection."""
+    mark = (attrs or {}).get(COLLECTION)
+    if not isinstance(mark, dict):
+        return None
+    if "settings" in mark:  # format 1
+        return mark
+    return {"settings": attrs.get("settings"), "members": attrs.get("members") or []}
+
+
 def is_collection(store: str | os.PathLike) -> bool:
     """Whether ``store`` is a collection store (not a single-image feature store)."""
-    attrs = _root_attrs(Path(store))
-    return attrs is not None and isinstance(attrs.get(COLLECTION), dict)
+    return _collection_meta(_root_attrs(Path(store))) is not None
 
 
 class CollectionStore:
@@ -94,8 +114,8 @@ class CollectionStore:
         self.exists = attrs is not None and not overwrite
         if attrs is None or overwrite:
             return
-        meta = attrs.get(COLLECTION)
-        if not isinstance(meta, dict):
+        meta = _collection_meta(attrs)
+        if meta is None:
             kind = "a single-image feature store" if ATTR in attrs else "not a collection store"
             raise StoreError(
                 f"{str(self.path)!r} is {kind}; refusing to write a collection into it. Choose "
@@ -132,15 +152,47 @@ class CollectionStore:
         self._write()
 
     def _write(self) -> None:
-        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        group.attrs[COLLECTION] = {"settings": self.settings, "members": list(self.rows.values())}
+        # not consolidated: the consolidation is dropped until the run ends (consolidate)
+        group = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
+        group.attrs.put(
+            {
+                COLLECTION: {"format": _FORMAT},
+                "settings": self.settings,
+                "members": list(self.rows.values()),
+            }
+        )
+
+    def consolidate(self) -> None:
+        """Consolidate the root's metadata over the ``done`` members (call when a run ends).
+
+        A member that completed without consolidating (interrupted just before) is
+        consolidated first. Failed and pending members stay out: plain xarray sees the members
+        :func:`open_collection` shows.
+        """
+        nodes = {}
+        for key, row in self.rows.items():
+            path = self.member_path(key)
+            if row.get("status") != "done" or not (path / "zarr.json").exists():
+                continue
+            publish_metadata(path)
+            nodes[key] = zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=True)
+        root = zarr.open_group(self.path, mode="r", zarr_format=3, use_consolidated=False)
+        meta = dataclasses.replace(
+            root.metadata,
+            consolidated_metadata=ConsolidatedMetadata(
+                metadata={key: group.metadata for key, group in nodes.items()}
+            ),
+        )
+        blob = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
+        tmp = self.path / "zarr.json.tmp"
+        tmp.write_bytes(blob)
+        os.replace(tmp, self.path / "zarr.json")  # never a half-written root
 
 
 def read_members(store: str | os.PathLike) -> list[dict[str, Any]]:
     """The members table of a collection store (one dict a row, in the store's order)."""
-    attrs = _root_attrs(Path(store))
-    meta = (attrs or {}).get(COLLECTION)
-    if not isinstance(meta, dict):
+    meta = _collection_meta(_root_attrs(Path(store)))
+    if meta is None:
         raise StoreError(f"{str(store)!r} is not a hrdv2_dask collection store.")
     return list(meta.get("members") or [])
 
@@ -179,8 +231,10 @@ def open_collection(store: str | os.PathLike) -> xr.DataTree:
     xarray.DataTree
         One child per ``done`` member, named by its key, holding the ``features`` DataArray
         that :func:`~hrdv2_dask.io.store.open_features` gives for that member (same dims,
-        coords and attrs, dask-backed); the root's attrs hold the collection's ``settings``
-        and its ``members`` table (every member, with its status). Nothing is computed.
+        coords and attrs, dask-backed; the child's attrs are the member group's, as
+        ``xarray.open_zarr`` gives them); the root's attrs hold the collection's ``settings``
+        and its ``members`` table (every member, with its status). Nothing is computed. Once a
+        run has ended, ``xarray.open_datatree(store, engine="zarr")`` gives the same tree.
 
     Raises
     ------
@@ -189,15 +243,18 @@ def open_collection(store: str | os.PathLike) -> xr.DataTree:
     """
     path = Path(store)
     attrs = _root_attrs(path)
-    meta = (attrs or {}).get(COLLECTION)
-    if not isinstance(meta, dict):
+    meta = _collection_meta(attrs)
+    if meta is None:
         raise StoreError(
             f"{str(path)!r} is not a hrdv2_dask collection store; open a single-image store "
             "with open_features."
         )
     rows = list(meta.get("members") or [])
-    nodes: dict[str, Any] = {"/": xr.Dataset(attrs={"settings": meta["settings"], "members": rows})}
+    old = "settings" in attrs[COLLECTION]  # format 1
+    nodes: dict[str, Any] = {"/": xr.Dataset(attrs=dict(meta) if old else attrs)}
     for row in rows:
         if row.get("status") == "done":
-            nodes[f"/{row['key']}"] = open_features(path / row["key"]).to_dataset()
+            member = path / row["key"]
+            ds = open_features(member).to_dataset()
+            nodes[f"/{row['key']}"] = ds.assign_attrs(_root_attrs(member))
     return xr.DataTree.from_dict(nodes)

@@ -7,9 +7,14 @@ Layout of a store::
       _run/done       (block_y, block_x) uint8: 1 once a block's chunks and halo strips are written
       _run/halo_*     float32 halo strips passed between neighbouring blocks (for resume)
       _run/token_bias the positional artefact subtracted from every window (with ``debias``)
+      y, x            pixel centres of the output cells (written when the run completes)
+      y_phys, x_phys  the same in physical units, where the source has a pixel size
 
 The group attribute ``hrdv2`` holds the settings and provenance of the run; ``complete`` is set
-to ``true`` last, and :func:`open_features` refuses a store without it.
+to ``true`` last, and :func:`open_features` refuses a store without it. A complete store also
+holds what plain xarray reads: the coordinate arrays, the settings and provenance as the
+``features`` array's attributes, and consolidated metadata, so that ``xarray.open_zarr(store)``
+gives the array :func:`open_features` gives, without a warning.
 """
 
 from __future__ import annotations
@@ -37,7 +42,11 @@ __all__ = [
     "BlockWriter",
     "RunStore",
     "StoreChunks",
+    "feature_attrs",
+    "feature_coords",
+    "is_consolidated",
     "open_features",
+    "publish_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -206,12 +215,19 @@ class RunStore:
         return self.group[RUN]["done"][...].astype(bool)
 
     def finish(self) -> None:
-        """Mark the store complete (written last) and drop the resume bookkeeping."""
+        """Mark the store complete and drop the resume bookkeeping; then consolidate.
+
+        The coordinates and the ``features`` attributes come first (a run interrupted before
+        ``complete`` redoes them), the consolidated metadata last: a store that is not complete
+        is never consolidated, so plain xarray does not take it for a finished one.
+        """
+        meta = dict(self.group.attrs[ATTR])
+        _write_plain_metadata(self.group, meta)
         if RUN in self.group:
             del self.group[RUN]
-        meta = dict(self.group.attrs[ATTR])
         meta["complete"] = True
         self.group.attrs[ATTR] = meta
+        _consolidate(self.path)
 
 
 def _created(group: zarr.Group) -> bool:
@@ -292,6 +308,137 @@ def _write_chunks(
                 array[:, y0 + r : y0 + r + part.shape[1], x0 + c : x0 + c + part.shape[2]] = part
 
 
+def feature_coords(
+    sizes: tuple[int, int],
+    out_stride: int,
+    *,
+    pixel_size: tuple[float, float] | None = None,
+    unit: str | None = None,
+) -> dict[str, xr.Variable]:
+    """The coordinates of a store's ``(y, x)`` output cells: pixel centres, physical units.
+
+    Parameters
+    ----------
+    sizes : (int, int)
+        Output cells along y and x.
+    out_stride : int
+        Source pixels per output cell.
+    pixel_size : (float, float), optional
+        ``(y, x)`` size of a source pixel in ``unit``: adds ``y_phys`` and ``x_phys``.
+    unit : str, optional
+        Unit of ``pixel_size`` (``"unknown"`` if not given).
+
+    Returns
+    -------
+    dict of str to xarray.Variable
+        ``y``, ``x`` (float64, centre of each cell in source pixels) and, with a pixel size,
+        ``y_phys``, ``x_phys``.
+
+    Examples
+    --------
+    >>> c = feature_coords((2, 3), 4, pixel_size=(0.5, 0.25), unit="micrometer")
+    >>> c["y"].values.tolist(), c["x_phys"].values.tolist(), c["x_phys"].attrs["units"]
+    ([1.5, 5.5], [0.375, 1.375, 2.375], 'micrometer')
+    """
+    names = {"y": "row (pixel centre)", "x": "column (pixel centre)"}
+    coords = {}
+    for i, dim in enumerate(("y", "x")):
+        centres = np.arange(sizes[i], dtype=np.float64) * out_stride + (out_stride - 1) / 2
+        coords[dim] = xr.Variable(dim, centres, {"units": "pixel", "long_name": names[dim]})
+        if pixel_size:
+            phys = centres * float(pixel_size[i])
+            coords[f"{dim}_phys"] = xr.Variable(dim, phys, {"units": unit or "unknown"})
+    return coords
+
+
+def _store_coords(
+    settings: dict[str, Any], provenance: dict[str, Any], sizes: tuple[int, int]
+) -> dict[str, xr.Variable]:
+    """:func:`feature_coords` of a store's settings and provenance."""
+    source = (provenance or {}).get("source") or {}
+    return feature_coords(
+        sizes,
+        int(settings["out_stride"]),
+        pixel_size=source.get("pixel_size"),
+        unit=source.get("unit"),
+    )
+
+
+def feature_attrs(settings: dict[str, Any], provenance: dict[str, Any]) -> dict[str, Any]:
+    """The attributes of the ``features`` DataArray: the run's settings and provenance, but
+    those that are ``None``.
+
+    >>> feature_attrs({"tile_px": 518, "components": None}, {"version": "0.1.0"})
+    {'tile_px': 518, 'version': '0.1.0'}
+    """
+    merged = {**settings, **(provenance or {})}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def _write_plain_metadata(group: zarr.Group, meta: dict[str, Any]) -> None:
+    """Write the coordinate arrays and the ``features`` attributes that plain xarray reads.
+
+    The ``features`` array's values and its metadata but the attributes stay as they are;
+    ``coordinates`` names the non-index coordinates (the CF rule xarray decodes).
+    """
+    features = group[FEATURES]
+    settings, prov = meta["settings"], meta.get("provenance") or {}
+    coords = _store_coords(settings, prov, features.shape[1:])
+    for name, var in coords.items():
+        if name in group:
+            del group[name]
+        arr = group.create_array(
+            name,
+            shape=var.shape,
+            dtype=var.dtype,
+            dimension_names=var.dims,
+            compressors=None,
+            fill_value=np.nan,
+            attributes=var.attrs,
+        )
+        arr[...] = var.values
+    extra = [name for name in coords if name not in ("y", "x")]
+    attrs = feature_attrs(settings, prov)
+    if extra:
+        attrs["coordinates"] = " ".join(extra)
+    features.attrs.put(_jsonable(attrs))
+
+
+def _consolidate(path: Path) -> None:
+    """Consolidate the metadata of the store at ``path`` (as xarray expects it)."""
+    with warnings.catch_warnings():
+        # zarr: consolidated metadata is not (yet) in the v3 spec; xarray reads it all the same
+        warnings.filterwarnings("ignore", "Consolidated metadata is currently not part")
+        # a run holding the writer lock: not a Zarr node
+        warnings.filterwarnings("ignore", f"Object at {LOCK_NAME} is not recognized")
+        zarr.consolidate_metadata(str(path), zarr_format=3)
+
+
+def is_consolidated(path: str | os.PathLike) -> bool:
+    """Whether the group at ``path`` carries consolidated metadata."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta.get("consolidated_metadata"), dict)
+
+
+def publish_metadata(store: str | os.PathLike) -> None:
+    """Give a complete store what plain xarray reads, if it lacks it (a store completed by an
+    older version, or a run interrupted just before consolidating)."""
+    path = Path(store)
+    group = zarr.open_group(path, mode="r+", zarr_format=3, use_consolidated=False)
+    meta = group.attrs.asdict().get(ATTR)
+    if not isinstance(meta, dict) or not meta.get("complete"):
+        raise IncompleteStoreError(
+            f"Feature store {str(path)!r} is incomplete; only a complete store is consolidated."
+        )
+    if is_consolidated(path) and "y" in group:
+        return
+    _write_plain_metadata(group, meta)
+    _consolidate(path)
+
+
 def open_features(store: str | os.PathLike) -> xr.DataArray:
     """Open a feature store lazily as an :class:`xarray.DataArray`.
 
@@ -346,22 +493,10 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
         )
     )
     settings, prov = meta["settings"], meta.get("provenance", {})
-    stride = int(settings["out_stride"])
-    coords = {
-        dim: np.arange(arr.sizes[dim], dtype=np.float64) * stride + (stride - 1) / 2
-        for dim in ("y", "x")
-    }
-    arr = arr.assign_coords(y=("y", coords["y"]), x=("x", coords["x"]))
-    arr.y.attrs.update(units="pixel", long_name="row (pixel centre)")
-    arr.x.attrs.update(units="pixel", long_name="column (pixel centre)")
-    pixel_size = (prov.get("source") or {}).get("pixel_size")
-    if pixel_size:
-        unit = (prov.get("source") or {}).get("unit") or "unknown"
-        for i, dim in enumerate(("y", "x")):
-            arr = arr.assign_coords({f"{dim}_phys": (dim, coords[dim] * float(pixel_size[i]))})
-            arr[f"{dim}_phys"].attrs.update(units=unit)
-    arr.attrs = {k: v for k, v in {**settings, **prov}.items() if v is not None}
-    arr.attrs.pop("_FillValue", None)
+    # Computed, not read: the same for stores written before the coordinates were stored;
+    # the stored arrays hold these values (a test holds the two to each other).
+    arr = arr.assign_coords(_store_coords(settings, prov, (arr.sizes["y"], arr.sizes["x"])))
+    arr.attrs = feature_attrs(settings, prov)
     arr.name = FEATURES
     return arr
 

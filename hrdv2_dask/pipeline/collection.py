@@ -35,7 +35,7 @@ from .faults import is_store_fault, run_faults
 from .graph import SourceReader
 from .members import Member, list_members
 from .plan import RunPlan, transform_set
-from .workers import backbone_on_workers
+from .workers import backbone_on_workers, progress_topic
 
 __all__ = ["extract_collection", "shared_value_range"]
 
@@ -85,6 +85,7 @@ class _Job:
     tasks: tuple = ()
     weights: tuple = ()
     error: str | None = None
+    topic: str | None = None  # where its block tasks report their windows
 
 
 def _one_line(err: BaseException) -> str:
@@ -93,7 +94,9 @@ def _one_line(err: BaseException) -> str:
 
 def _root_settings(features: FeatureSettings, facts, tset, intensity: str) -> dict[str, Any]:
     """What every member shares: the collection's settings, stored once at the root."""
+    picked = {} if features.channels is None else {"channels": list(features.channels)}
     return {
+        **picked,
         "model": facts.name,
         "weights": "random" if facts.random_weights else str(features.weights or "default"),
         "random_weights": facts.random_weights,
@@ -188,6 +191,7 @@ def extract_collection(
                 slurm=cluster.slurm,
             ) as c:
                 _execute(c, jobs, cstore, recipe, device, progress)
+        cstore.consolidate()  # plain xarray opens it now
     rows = cstore.rows.values()
     failed = [r["key"] for r in rows if r.get("status") == "failed"]
     log.info(
@@ -226,7 +230,9 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
             continue
         level = features.level if m.level is None else m.level
         try:
-            data, meta = open_image(m.source, features.axes, level=level, plane=m.plane)
+            data, meta = open_image(
+                m.source, features.axes, level=level, plane=m.plane, channels=features.channels
+            )
         except Hrdv2Error as err:
             cstore.record(m.key, **_row(m, status="failed", error=_one_line(err)))
             continue
@@ -282,6 +288,7 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                     progress,
                 )
                 backbone = run.backbone  # shipped once, shared by every member's tasks
+                job.topic = progress_topic(run.run_id)
                 plan, done, bias = prepare_blocks(run, job.plan, job.store)
                 job.plan = plan
                 tasks, weights = run.block_tasks(plan.blocks, done, bias)
@@ -336,8 +343,27 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         return
     megapixels = sum(j.plan.megapixels for j in live)
     gatherer.gather(
-        tasks, weights, desc="windows", megapixels=megapixels, keep_errors=True, on_done=on_done
+        tasks,
+        weights,
+        desc="windows",
+        megapixels=megapixels,
+        keep_errors=True,
+        on_done=on_done,
+        topics=[j.topic for j in live],  # one bar over the windows of every member
+        status=lambda: _members_status(cstore.rows.values()),
     )
+
+
+def _members_status(rows) -> str:
+    """The bar's text of a collection: members done (of all) and failed.
+
+    >>> _members_status([{"status": "done"}, {"status": "failed"}, {"status": "pending"}])
+    'members: 1/3 done, 1 failed'
+    """
+    rows = list(rows)
+    done = sum(r.get("status") == "done" for r in rows)
+    failed = sum(r.get("status") == "failed" for r in rows)
+    return f"members: {done}/{len(rows)} done, {failed} failed"
 
 
 def _signature() -> inspect.Signature:

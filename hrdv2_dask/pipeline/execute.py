@@ -142,11 +142,14 @@ class Run:
         megapixels: float | None = None,
         keep_errors: bool = False,
         on_done: Callable[[int, Any], None] | None = None,
+        topics: list[str] | None = None,
+        status: Callable[[], str] | None = None,
     ) -> list:
         """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows.
 
         With ``keep_errors`` a failed task's exception is its result instead of being raised
-        (the other tasks go on); ``on_done(k, result)`` is called as each task ends.
+        (the other tasks go on); ``on_done(k, result)`` is called as each task ends. The bar
+        listens to ``topics`` (default: this run's, for block tasks) and shows ``status()``.
         """
         from distributed import KilledWorker, as_completed
 
@@ -154,14 +157,16 @@ class Run:
         index = {f.key: k for k, f in enumerate(futures)}
         results: list = [None] * len(futures)
         # block tasks report their windows as they go; the others count when they finish
-        topic = progress_topic(self.run_id) if desc == "windows" else None
+        if topics is None:
+            topics = [progress_topic(self.run_id)] if desc == "windows" else []
         bar = Progress(
             self.client,
-            topic,
+            topics,
             total=sum(weights),
             desc=desc,
             megapixels=megapixels,
             enabled=self.progress,
+            status=status,
         )
         try:
             for fut in as_completed(futures):

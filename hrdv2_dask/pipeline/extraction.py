@@ -22,7 +22,8 @@ from ..device import check_device, cpu_count, resolve_device
 from ..heads import LinearHead
 from ..io.lock import WriterLock
 from ..io.readers import open_image
-from ..io.store import RunStore, open_features
+from ..io.readers.channels import check_channel_count
+from ..io.store import RunStore, open_features, publish_metadata
 from ..precision import recorded_precision
 from ..transforms import Transform, TransformSet
 from .cluster import check_deployment, cluster_client, task_resources
@@ -111,7 +112,13 @@ def extract(
     """
     features, cluster = split_options(options)
     embedded, device = deployment(features, cluster, client)
-    data, meta = open_image(source, features.axes, level=features.level, plane=features.plane)
+    data, meta = open_image(
+        source,
+        features.axes,
+        level=features.level,
+        plane=features.plane,
+        channels=features.channels,
+    )
     recipe, facts, precision = load_recipe(
         features, cluster, device, embedded=embedded, store=store
     )
@@ -123,6 +130,7 @@ def extract(
         run_store = RunStore(store, settings=plan.settings, overwrite=features.overwrite)
         if run_store.complete:
             log.info("%s is already complete with these settings; nothing to do", store)
+            publish_metadata(store)  # a store of an older version, or not yet consolidated
             return open_features(store)
         t0 = time.perf_counter()
         source = SourceReader(data, name=repr(str(meta.path)) if meta.path else "the image")
@@ -185,6 +193,7 @@ def load_recipe(
 
 def _plan(features, facts, transforms, data, meta, store, precision) -> RunPlan:
     """Plan the run: transforms, grid, intensities and mask (reads a sample, no cluster)."""
+    check_channel_count(meta)  # more than RGBA: which channels is the user's choice
     if transforms is None:
         tset = transform_set(features, facts.patch_size)
     else:

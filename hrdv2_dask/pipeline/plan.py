@@ -286,6 +286,8 @@ def plan_run(
         settings["random_seed"] = backbone.random_seed
     if precision[1] is not None:
         settings["precision"] = precision[1]
+    if features.channels is not None:  # only picked channels: other stores unchanged
+        settings["channels"] = list(features.channels)
     provenance: dict[str, Any] = {
         "package": "hrdv2-dask",
         "version": __version__,

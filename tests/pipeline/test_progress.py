@@ -54,3 +54,47 @@ def test_a_single_block_task_moves_the_bar_window_by_window(tmp_path, local_clie
     before_end = [n for _, n in bar.updates if n < bar.total]
     assert len(before_end) >= bar.total - 2, bar.updates
     assert [n for _, n in bar.updates] == sorted({n for _, n in bar.updates})
+
+
+def test_a_collection_has_one_bar_over_every_members_windows(tmp_path, local_client, monkeypatch):
+    bars: list[Progress] = []
+
+    class Recording(Progress):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            bars.append(self)
+
+    monkeypatch.setattr(execute, "Progress", Recording)
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for k in range(3):
+        np.save(folder / f"im{k}.npy", rng.integers(0, 256, (160, 200, 3), dtype=np.uint8))
+    (folder / "broken.npy").write_bytes(b"not numpy")
+    hd.extract_collection(
+        folder,
+        tmp_path / "c.zarr",
+        backbone=hd.MeanPool(14, 14),
+        tile=112,
+        shifts=(1,),
+        out_stride=4,
+        block=16,  # one block task per member
+        client=local_client,
+        progress=False,
+    )
+    (bar,) = [b for b in bars if b.desc == "windows"]
+    assert len(bar.topics) == 3 and bar.n == bar.total > 3 * 4
+    # every member's windows move the bar, not only its task's end (3 jumps)
+    assert len([n for _, n in bar.updates if n < bar.total]) >= bar.total - 6, bar.updates
+    assert bar.text.endswith("members: 3/4 done, 1 failed") and "win/s" in bar.text
+
+
+def test_the_status_text_follows_the_members():
+    rows = [{"status": "pending"}, {"status": "pending"}]
+    bar = Progress(None, None, total=4, desc="windows", enabled=False, status=lambda: str(rows))
+    rows[0] = {"status": "done"}
+    bar.task_done(2)
+    assert "'done'" in bar.text
+    rows[1] = {"status": "failed"}
+    bar.task_done(0)  # no window more: the text changes all the same
+    assert "'failed'" in bar.text

@@ -108,6 +108,8 @@ class ImageMeta:
         Index of that plane along ``plane_axis``.
     planes : int, optional
         Number of planes along ``plane_axis``.
+    channels : tuple of int, optional
+        The source channels picked with ``channels=`` (R, G, B in that order); None: all.
 
     Examples
     --------
@@ -127,6 +129,7 @@ class ImageMeta:
     plane_axis: str | None = None
     plane: int | None = None
     planes: int | None = None
+    channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.path is not None and not isinstance(self.path, str):
@@ -174,6 +177,14 @@ class ImageMeta:
                 f"ImageMeta.plane must be an int in 0..planes-1 with plane_axis, got "
                 f"plane={self.plane!r}, planes={self.planes!r}."
             )
+        if self.channels is not None:
+            picked = _as_int_tuple(self.channels)
+            if not picked or min(picked) < 0:
+                raise InputError(
+                    f"ImageMeta.channels must be channel indices >= 0 or None, got "
+                    f"{self.channels!r}."
+                )
+            object.__setattr__(self, "channels", picked)
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-serialisable dict (lists for tuples), e.g. for Zarr attributes.
@@ -182,12 +193,16 @@ class ImageMeta:
         -------
         dict
             Keys are the field names (``plane_axis``, ``plane`` and ``planes`` only for a plane
-        of a stack); :meth:`from_dict` inverts it.
+        of a stack, ``channels`` only where picked); :meth:`from_dict` inverts it.
         """
         out = asdict(self)
         if self.plane_axis is None:
             for key in ("plane_axis", "plane", "planes"):
                 del out[key]
+        if self.channels is None:
+            del out["channels"]
+        else:
+            out["channels"] = list(self.channels)
         out["shape"] = list(self.shape)
         out["pixel_size"] = None if self.pixel_size is None else list(self.pixel_size)
         return out
@@ -214,7 +229,7 @@ class ImageMeta:
         if not isinstance(data, Mapping):
             raise InputError(f"ImageMeta.from_dict needs a mapping, got {type(data).__name__}.")
         known = {"path", "format", "shape", "dtype", "axes", "pixel_size", "unit", "level"}
-        known |= {"plane_axis", "plane", "planes"}
+        known |= {"plane_axis", "plane", "planes", "channels"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise InputError(

@@ -18,6 +18,7 @@ from hrdv2_dask.errors import Hrdv2Error, InputError, SourceReadError
 
 from . import arrays, npy, pillow, tiff, zarr_store
 from ._base import _SUPPORTED, OpenedImage, Reader, _existing_path, _is_int, _parse_chunks
+from .channels import select_channels
 
 #: Every reader, in the order :func:`open_image` asks them; the first that can open a source
 #: opens it.
@@ -65,6 +66,7 @@ def open_image(
     level: int = 0,
     chunks: int | tuple[int, int] | None = None,
     plane: int | None = None,
+    channels: Sequence[int] | None = None,
 ) -> OpenedImage:
     """Open an image as a lazy ``(y, x, c)`` dask array plus its metadata.
 
@@ -91,6 +93,9 @@ def open_image(
         Open plane ``plane`` of a stack (a Z or T axis longer than 1; detected from the shape,
         a leading dim that is no channel count, e.g. ``(6, 518, 518)`` is ZYX); ``meta`` then
         records ``plane_axis``, ``plane`` and ``planes``. For a single image only 0 is valid.
+    channels : sequence of int, optional
+        Keep only these (one to three) source channels, in this order: R, G, B (two get a zero
+        B; see :mod:`.channels`); ``meta.channels`` records them. Default: every channel.
 
     Returns
     -------
@@ -128,8 +133,10 @@ def open_image(
     if reader is None:
         raise _unsupported(source)
     if plane is None:
-        return reader.open(source, axes, level=level, chunks_yx=chunks_yx)
-    return reader.open(source, axes, level=level, chunks_yx=chunks_yx, plane=int(plane))
+        opened = reader.open(source, axes, level=level, chunks_yx=chunks_yx)
+    else:
+        opened = reader.open(source, axes, level=level, chunks_yx=chunks_yx, plane=int(plane))
+    return opened if channels is None else select_channels(opened, channels)
 
 
 #: What to do about a region of an input image that cannot be read.
