@@ -27,7 +27,14 @@ from typing import Any
 import xarray as xr
 
 from .analysis.registry import get_analysis
-from .config import ClusterSettings, FeatureSettings, Settings, SlurmSettings, unknown_key
+from .config import (
+    ClusterSettings,
+    CollectionSettings,
+    FeatureSettings,
+    Settings,
+    SlurmSettings,
+    unknown_key,
+)
 from .errors import ConfigError, WeightsNotFoundError
 
 __all__ = [
@@ -43,7 +50,15 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_TOP_KEYS = ("input", "output_dir", "features", "cluster", "analyses", "sample_size")
+_TOP_KEYS = (
+    "input",
+    "output_dir",
+    "features",
+    "cluster",
+    "collection",
+    "analyses",
+    "sample_size",
+)
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,7 @@ class Workflow:
     output_dir: str
     features: FeatureSettings = field(default_factory=FeatureSettings)
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
+    collection: CollectionSettings = field(default_factory=CollectionSettings)
     analyses: tuple[AnalysisStep, ...] = ()
     sample_size: int = 2048
 
@@ -117,6 +133,7 @@ class Workflow:
             output_dir=resolve(data["output_dir"]),
             features=features,
             cluster=ClusterSettings.from_dict(data.get("cluster")),
+            collection=CollectionSettings.from_dict(data.get("collection")),
             analyses=tuple(steps),
             sample_size=int(data.get("sample_size", 2048)),
         )
@@ -127,6 +144,7 @@ class Workflow:
             "output_dir": self.output_dir,
             "features": self.features.to_dict(),
             "cluster": self.cluster.to_dict(),
+            "collection": self.collection.to_dict(),
             "analyses": [s.to_dict() for s in self.analyses],
             "sample_size": self.sample_size,
         }
@@ -146,10 +164,11 @@ def load_workflow(path: str | os.PathLike) -> Workflow:
     return Workflow.from_dict(data, base=path.parent)
 
 
-def extract_options(features: FeatureSettings, cluster: ClusterSettings) -> dict[str, Any]:
-    """The keywords of :func:`hrdv2_dask.extract` for these settings (by their Python names)."""
+def extract_options(*sections: Settings) -> dict[str, Any]:
+    """The keywords of :func:`hrdv2_dask.extract` (or ``extract_collection``) for these settings
+    sections, by their Python names."""
     options = {}
-    for settings in (features, cluster):
+    for settings in sections:
         names = type(settings).api_names()
         options.update({api: getattr(settings, name) for api, name in names.items()})
     return options
@@ -180,20 +199,16 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
             write_sample_image(out / "sample.zarr", size=wf.sample_size, png=out / "sample.png")
         )
     features = dataclasses.replace(wf.features, weights=_weights_or_random(wf.features))
+    options = extract_options(features, wf.cluster)
     if features.plane is None and not _one_image(source, features):
         # several images (a stack, a folder...): a collection store; analyses run on its tree
         from .pipeline.collection import extract_collection
 
         run = extract_collection
+        options = extract_options(features, wf.cluster, wf.collection)
     else:
         run = extract
-    result = run(
-        source,
-        out / "features.zarr",
-        client=client,
-        progress=progress,
-        **extract_options(features, wf.cluster),
-    )
+    result = run(source, out / "features.zarr", client=client, progress=progress, **options)
     for row in result.attrs.get("members", []) if run is not extract else []:
         if row.get("status") == "failed":
             log.warning("member %s failed, left out: %s", row.get("key"), row.get("error"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,30 @@ def test_slurm_kind_alone_uses_the_dask_config_defaults():
     wf = Workflow.from_dict({"input": "a.png", "output_dir": "o", "cluster": {"kind": "slurm"}})
     assert wf.cluster.slurm == SlurmSettings()
     assert Workflow.from_dict(wf.to_dict()) == wf
+
+
+def test_stack_workflow_runs_every_plane_with_one_intensity_mapping(tmp_path, local_client):
+    """``micrograph_stack.yaml`` as shipped, on the filter bank at a coarse out_stride (no
+    DINOv2 weights here): four members, one shared mapping recorded, every plane's PCA and
+    clusters written, with the collection section of the YAML reaching extract_collection."""
+    import dataclasses
+
+    from hrdv2_dask.workflows import load_workflow, run_workflow
+
+    wf = load_workflow(Path(WORKFLOWS[0]).parent / "micrograph_stack.yaml")
+    assert wf.collection.intensity == "shared"
+    features = dataclasses.replace(wf.features, model="filterbank", out_stride=8, tile=320)
+    wf = dataclasses.replace(wf, features=features, output_dir=str(tmp_path / "out"))
+    summary = run_workflow(wf, client=local_client, progress=False)
+    keys = ["z000", "z001", "z002", "z003"]
+    assert sorted(summary["feature_shape"]) == keys
+    tree = hd.open_collection(tmp_path / "out" / "features.zarr")
+    assert tree.attrs["settings"]["intensity"] == "shared"
+    ranges = {tuple(tree[k]["features"].attrs["value_range"]) for k in keys}
+    assert len(ranges) == 1
+    for step in ("pca", "cluster"):
+        assert (
+            sorted(json.loads((tmp_path / "out" / step / "summary.json").read_text())["members"])
+            == keys
+        )
+        assert (tmp_path / "out" / step / "contact_sheet.png").is_file()
