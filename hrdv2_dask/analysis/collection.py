@@ -237,20 +237,18 @@ RECORD = (
     "dtype",
     "precision",
 )
-MATCH = (
-    "model",
-    "layer",
-    "facet",
-    "attention",
-    "stride",
-    "patch_size",
-    "transforms",
-    "out_stride",
-    "components",
-    "debias",
-    "random_seed",
-    "n_features",
+#: Settings that only record how the features were made (weights file, window geometry,
+#: storage, arithmetic): a model applies across them.
+_INFORMATIVE = (
+    "random_weights",
+    "weights",
+    "weights_origin",
+    "tile_px",
+    "overlap_px",
+    "dtype",
+    "precision",
 )
+MATCH = (*(k for k in RECORD if k not in _INFORMATIVE), "n_features")
 
 
 def _plain(value: Any) -> Any:

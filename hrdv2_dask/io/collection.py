@@ -82,8 +82,16 @@ def _collection_meta(attrs: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def is_collection(store: str | os.PathLike) -> bool:
-    """Whether ``store`` is a collection store (not a single-image feature store)."""
-    return _collection_meta(_root_attrs(Path(store))) is not None
+    """Whether ``store`` is a collection store (not a single-image feature store).
+
+    An unreadable root counts as not a collection, so that :func:`open_features` names the
+    damage and the fix.
+    """
+    try:
+        attrs = _root_attrs(Path(store))
+    except StoreError:
+        return False
+    return _collection_meta(attrs) is not None
 
 
 class CollectionStore:

@@ -7,7 +7,9 @@ store is bit-identical whatever the number of workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -168,6 +170,7 @@ class Run:
             enabled=self.progress,
             status=status,
         )
+        finished = False
         try:
             for fut in as_completed(futures):
                 k = index[fut.key]
@@ -176,6 +179,7 @@ class Run:
                 if on_done is not None:
                     on_done(k, results[k])
                 bar.task_done(weights[k])
+            finished = True
         except KilledWorker as err:
             # A dead worker's tasks are rerun elsewhere; a task that keeps killing workers is not.
             raise ClusterError(
@@ -186,7 +190,26 @@ class Run:
             bar.close()
             for fut in futures:
                 fut.cancel()
+            if not finished:
+                _settle(self.client)
         return results
+
+
+def _settle(client, timeout_s: float = 30.0) -> None:
+    """Wait (up to ``timeout_s``) until no worker runs a task of ours any more.
+
+    After a fault the other block tasks are cancelled, but a task already running finishes its
+    window and writes; closing the cluster under it prints its aborted writes' noise above the
+    error line, and a rerun started at once could meet its half-written chunk.
+    """
+    deadline = time.monotonic() + timeout_s
+    with contextlib.suppress(Exception):  # the cluster itself may be what failed
+        while time.monotonic() < deadline and any(client.run(_executing).values()):
+            time.sleep(0.1)
+
+
+def _executing(dask_worker) -> int:
+    return dask_worker.state.executing_count  # cancelled tasks still running included
 
 
 def _count(_halo, n: int) -> int:
