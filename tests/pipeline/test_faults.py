@@ -232,3 +232,31 @@ def test_a_damaged_mask_file_is_one_line_naming_it(image, tmp_path, local_client
     assert "\n" not in msg and msg.startswith("Cannot read rows 0:1100, cols 0:240 of mask file ")
     assert str(path) in msg and "save the mask again" in msg
     assert not (store / "zarr.json").exists()  # nothing written before the plan was made
+
+
+def test_after_a_fault_no_block_task_is_left_running(image, tmp_path, local_client, monkeypatch):
+    """A block task fails while the next one (ready beside it) takes a while: when the error
+    reaches the caller, no worker still runs a task (it would write under the next run, and its
+    aborted writes print noise above the error line when the cluster closes)."""
+    import threading
+    import time
+
+    from hrdv2_dask.pipeline import graph
+
+    original, calls, lock = graph.highres_features, [0], threading.Lock()
+
+    def planted(*args, **kwargs):
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n == 2:
+            raise RuntimeError("planted fault")
+        if n > 2:
+            time.sleep(1.5)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(graph, "highres_features", planted)
+    with pytest.raises(RunError, match="planted fault"):
+        _extract(image, tmp_path / "s.zarr", local_client, block=1)
+    executing = local_client.run(lambda dask_worker: dask_worker.state.executing_count)
+    assert calls[0] > 2 and not any(executing.values())
