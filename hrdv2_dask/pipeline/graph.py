@@ -13,6 +13,7 @@ the store so that an interrupted run resumes with only the missing blocks.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -168,17 +169,32 @@ def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
     ]
 
 
+_READERS = threading.local()
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The reading thread of the calling task thread, started once: a block of a small image
+    (a collection's member) is too short a task to pay for starting a thread each time."""
+    pool = getattr(_READERS, "pool", None)
+    if pool is None:
+        pool = _READERS.pool = ThreadPoolExecutor(1, thread_name_prefix="hrdv2-read")
+    return pool
+
+
 def _prefetched(source, plan: BlockPlan, groups: list) -> Iterator[np.ndarray]:
     """Raw windows of each group, the next group read in a thread while this one computes."""
     if not groups:
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="hrdv2-read") as pool:
-        pending = pool.submit(_read_windows, source, plan, groups[0])
+    pool = _reader()
+    pending = pool.submit(_read_windows, source, plan, groups[0])
+    try:
         for k in range(len(groups)):
             raw = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(_read_windows, source, plan, groups[k + 1])
             yield raw
+    finally:
+        pending.cancel()  # a task that failed mid-block leaves no read queued
 
 
 def run_block(
