@@ -287,8 +287,21 @@ def _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, p
 
 
 def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None:
-    """Estimates per member, then the block tasks of all members in one gather."""
+    """Estimates and store per member, then the block tasks of all members in one gather.
+
+    Each member's block tasks are submitted as soon as its store exists, so the workers
+    compute the first members while the next ones are prepared here (many small members
+    would otherwise leave them idle for as long as creating all the stores takes).
+    """
     resources = task_resources(client, device)
+    try:
+        _prepare_all(client, jobs, cstore, recipe, resources, progress)
+    except BaseException:
+        client.cancel([f for job in jobs for f in job.tasks])  # those submitted
+        raise
+
+
+def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress) -> None:
     backbone = None
     with backbone_on_workers(client, recipe, resources=resources):
         for job in jobs:
@@ -306,7 +319,7 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                 plan, done, bias = prepare_blocks(run, job.plan, job.store)
                 job.plan = plan
                 tasks, weights = run.block_tasks(plan.blocks, done, bias)
-                job.tasks, job.weights = tuple(tasks), tuple(weights)
+                job.tasks, job.weights = tuple(run.submit(tasks)), tuple(weights)
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
                 if is_store_fault(err):
                     raise  # the store's, not the member's: it ends the run

@@ -133,6 +133,10 @@ class Run:
         counts = [count(tasks[k], n) for k, n in zip(todo, weights, strict=True)]
         return counts, weights
 
+    def submit(self, tasks: list) -> list:
+        """Start computing delayed ``tasks``; their futures, which :meth:`gather` also takes."""
+        return self.client.compute(tasks, optimize_graph=False, resources=self.resources)
+
     def gather(
         self,
         tasks: list,
@@ -145,15 +149,19 @@ class Run:
         topics: list[str] | None = None,
         status: Callable[[], str] | None = None,
     ) -> list:
-        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows.
+        """Results of delayed ``tasks`` or their futures (:meth:`submit`), in order, with a
+        progress bar of ``weights`` windows.
 
         With ``keep_errors`` a failed task's exception is its result instead of being raised
         (the other tasks go on); ``on_done(k, result)`` is called as each task ends. The bar
         listens to ``topics`` (default: this run's, for block tasks) and shows ``status()``.
         """
-        from distributed import KilledWorker, as_completed
+        from distributed import Future, KilledWorker, as_completed
 
-        futures = self.client.compute(tasks, optimize_graph=False, resources=self.resources)
+        if tasks and all(isinstance(t, Future) for t in tasks):
+            futures = list(tasks)
+        else:
+            futures = self.submit(tasks)
         index = {f.key: k for k, f in enumerate(futures)}
         results: list = [None] * len(futures)
         # block tasks report their windows as they go; the others count when they finish
