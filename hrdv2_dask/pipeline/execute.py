@@ -49,6 +49,7 @@ class Run:
         self.resources = resources
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:12]
+        self.raw_source = source
         self.source = shipped(source, "source", self.run_id)
         self.backbone = shipped(recipe, "backbone", self.run_id)
 
@@ -119,9 +120,13 @@ class Run:
 
         The tasks of several runs (the members of a collection) can go to one :meth:`gather`.
         """
+        one_task = int(np.prod(plan.n_blocks)) - int(done.sum()) == 1
         tasks = build_tasks(
             plan,
-            source=self.source,
+            # a source that one task reads travels inside it, not as a Dask key of its own
+            # (a collection of small images: one task fewer a member)
+            source=self.raw_source if one_task else self.source,
+            ship_source=not one_task,
             backbone=self.backbone,
             done=done,
             run_id=self.run_id,

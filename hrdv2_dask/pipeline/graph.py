@@ -316,8 +316,12 @@ def build_tasks(
     done: np.ndarray,
     run_id: str,
     token_bias: list[np.ndarray] | None = None,
+    ship_source: bool = True,
 ) -> dict:
     """Delayed block tasks in wavefront order; finished blocks only reload their halos.
+
+    ``source`` travels as a Dask key of its own, once per worker, unless ``ship_source`` is
+    false (for a graph of one task: it then travels inside that task).
 
     Returns
     -------
@@ -327,7 +331,8 @@ def build_tasks(
     import dask
 
     tasks: dict[tuple[int, int], Any] = {}
-    source = shipped(source, "source", run_id)
+    if ship_source:
+        source = shipped(source, "source", run_id)
     backbone = shipped(backbone, "backbone", run_id)
     token_bias = shipped(token_bias, "bias", run_id)
     run = dask.delayed(run_block, pure=False)
