@@ -153,10 +153,19 @@ class CollectionStore:
         self.exists = True
         self._write()
 
-    def record(self, key: str, **row: Any) -> None:
-        """Set member ``key``'s row (the columns given; the others kept) and save the table."""
+    def record(self, key: str, *, save: bool = True, **row: Any) -> None:
+        """Set member ``key``'s row (the columns given; the others kept) and save the table.
+
+        With ``save=False`` the row is only kept in memory until the next :meth:`save` (or
+        saved record): rewriting the whole table for each of many members costs O(N²).
+        """
         current = self.rows.get(key) or {c: None for c in TABLE_COLUMNS}
         self.rows[key] = _jsonable({**current, "key": key, **row})
+        if save:
+            self._write()
+
+    def save(self) -> None:
+        """Write the members table as it stands in memory."""
         self._write()
 
     def _write(self) -> None:

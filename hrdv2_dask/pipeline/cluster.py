@@ -234,15 +234,27 @@ def worker_environ() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _pre_spawn_environ() -> Iterator[None]:
-    """Nannies created inside set :func:`worker_environ` before spawning their worker process
-    (the allocator reads it at process start, too early for ``LocalCluster(env=...)``)."""
+def _pre_spawn_environ(extra: dict[str, str] | None = None) -> Iterator[None]:
+    """Nannies created inside set :func:`worker_environ` (and ``extra``) before spawning their
+    worker process (the allocator reads it at process start, too early for
+    ``LocalCluster(env=...)``)."""
     import dask
     import distributed  # noqa: F401 - registers the distributed config
 
     key = "distributed.nanny.pre-spawn-environ"
-    with dask.config.set({key: {**dask.config.get(key), **worker_environ()}}):
+    with dask.config.set({key: {**dask.config.get(key), **worker_environ(), **(extra or {})}}):
         yield
+
+
+def _shared_cores_environ() -> dict[str, str]:
+    """What workers on this machine's cores need: OpenMP threads that sleep when idle.
+
+    OpenMP threads otherwise spin for a while after each parallel region, on the cores that
+    the embedded workers share with this process (the scheduler, the client, the stores it
+    finishes); with the many short tasks of a collection that doubled the workers' CPU time
+    (benchmarks/RESULTS.md, "Collections"). A value already set is kept.
+    """
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
 def _local_cluster(*, workers: int | None, device: str):
@@ -265,7 +277,7 @@ def _local_cluster(*, workers: int | None, device: str):
     if device.startswith("cuda"):
         kwargs["resources"] = {"GPU": 1}
     log.info("starting a local Dask cluster: %d worker(s), %d core(s)", n, cpu_count())
-    with _pre_spawn_environ():
+    with _pre_spawn_environ(_shared_cores_environ()):
         return LocalCluster(**kwargs)
 
 

@@ -10,6 +10,7 @@ complete. Rerunning completes what is missing; ``retry_failed`` computes failed 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
@@ -41,6 +42,8 @@ __all__ = ["extract_collection", "shared_value_range"]
 
 log = logging.getLogger(__name__)
 
+# Seconds between two writes of the members table while members finish.
+_SAVE_EVERY_S = 2.0
 _RESUME = "rerun the same command to resume (members done are kept; the others are computed)"
 
 
@@ -217,7 +220,18 @@ def _row(member: Member, meta=None, **extra) -> dict[str, Any]:
 
 
 def _jobs(members, cstore, features, facts, transforms, intensity, retry, precision) -> list[_Job]:
-    """Open and plan the members still to compute; record the others' rows."""
+    """Open and plan the members still to compute; record the others' rows.
+
+    The table is saved once, at the end, not once a member (a rerun plans again whatever an
+    interruption before that left unrecorded).
+    """
+    try:
+        return _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, precision)
+    finally:
+        cstore.save()
+
+
+def _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, precision):
     opened = []
     for m in members.members:
         row = cstore.rows.get(m.key) or {}
@@ -226,7 +240,7 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
         if row.get("status") == "failed" and not retry:
             continue
         if m.error is not None:
-            cstore.record(m.key, **_row(m, status="failed", error=m.error))
+            cstore.record(m.key, save=False, **_row(m, status="failed", error=m.error))
             continue
         level = features.level if m.level is None else m.level
         try:
@@ -234,7 +248,7 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
                 m.source, features.axes, level=level, plane=m.plane, channels=features.channels
             )
         except Hrdv2Error as err:
-            cstore.record(m.key, **_row(m, status="failed", error=_one_line(err)))
+            cstore.record(m.key, save=False, **_row(m, status="failed", error=_one_line(err)))
             continue
         opened.append((m, data, meta, bool(row.get("status") == "failed")))
     value_range = features.value_range
@@ -262,19 +276,32 @@ def _jobs(members, cstore, features, facts, transforms, intensity, retry, precis
                     raise
                 run_store = RunStore(path, settings=plan.settings, overwrite=True)
         except Hrdv2Error as err:
-            cstore.record(m.key, **_row(m, meta, status="failed", error=_one_line(err)))
+            cstore.record(m.key, save=False, **_row(m, meta, status="failed", error=_one_line(err)))
             continue
         if run_store.complete:  # finished just before an interruption could record it
-            cstore.record(m.key, **_row(m, meta, status="done", error=None))
+            cstore.record(m.key, save=False, **_row(m, meta, status="done", error=None))
             continue
-        cstore.record(m.key, **_row(m, meta, status="pending", error=None))
+        cstore.record(m.key, save=False, **_row(m, meta, status="pending", error=None))
         jobs.append(_Job(m, data, meta, plan, run_store))
     return jobs
 
 
 def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None:
-    """Estimates per member, then the block tasks of all members in one gather."""
+    """Estimates and store per member, then the block tasks of all members in one gather.
+
+    Each member's block tasks are submitted as soon as its store exists, so the workers
+    compute the first members while the next ones are prepared here (many small members
+    would otherwise leave them idle for as long as creating all the stores takes).
+    """
     resources = task_resources(client, device)
+    try:
+        _prepare_all(client, jobs, cstore, recipe, resources, progress)
+    except BaseException:
+        client.cancel([f for job in jobs for f in job.tasks])  # those submitted
+        raise
+
+
+def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress) -> None:
     backbone = None
     with backbone_on_workers(client, recipe, resources=resources):
         for job in jobs:
@@ -292,7 +319,7 @@ def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None
                 plan, done, bias = prepare_blocks(run, job.plan, job.store)
                 job.plan = plan
                 tasks, weights = run.block_tasks(plan.blocks, done, bias)
-                job.tasks, job.weights = tuple(tasks), tuple(weights)
+                job.tasks, job.weights = tuple(run.submit(tasks)), tuple(weights)
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
                 if is_store_fault(err):
                     raise  # the store's, not the member's: it ends the run
@@ -311,17 +338,24 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         weights += list(job.weights)
     left = [len(j.tasks) for j in live]
     t0 = time.perf_counter()
+    saved = [t0]  # when the table was last written
 
     def finished(n: int) -> None:
         job = live[n]
         job.store.finish()
+        now = time.perf_counter()
+        # A finished member's row is saved with the next one at most every _SAVE_EVERY_S: a
+        # rerun after an interruption finds its store complete and records it done then.
         cstore.record(
             job.member.key,
+            save=now - saved[0] >= _SAVE_EVERY_S,
             status="done",
             error=None,
             windows=int(sum(job.weights)),
-            seconds=round(time.perf_counter() - t0, 3),
+            seconds=round(now - t0, 3),
         )
+        if now - saved[0] >= _SAVE_EVERY_S:
+            saved[0] = now
 
     def on_done(k: int, result: Any) -> None:
         n = owner[k]
@@ -336,22 +370,26 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         elif left[n] == 0 and job.error is None:
             finished(n)
 
-    for n, job in enumerate(live):
-        if not job.tasks:
-            finished(n)
-    if not tasks:
-        return
-    megapixels = sum(j.plan.megapixels for j in live)
-    gatherer.gather(
-        tasks,
-        weights,
-        desc="windows",
-        megapixels=megapixels,
-        keep_errors=True,
-        on_done=on_done,
-        topics=[j.topic for j in live],  # one bar over the windows of every member
-        status=lambda: _members_status(cstore.rows.values()),
-    )
+    try:
+        for n, job in enumerate(live):
+            if not job.tasks:
+                finished(n)
+        if tasks:
+            gatherer.gather(
+                tasks,
+                weights,
+                desc="windows",
+                megapixels=sum(j.plan.megapixels for j in live),
+                keep_errors=True,
+                on_done=on_done,
+                topics=[j.topic for j in live],  # one bar over the windows of every member
+                status=lambda: _members_status(cstore.rows.values()),
+            )
+    except BaseException:
+        with contextlib.suppress(Exception):  # the original error is the one to report
+            cstore.save()
+        raise
+    cstore.save()
 
 
 def _members_status(rows) -> str:

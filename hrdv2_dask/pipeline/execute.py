@@ -51,6 +51,7 @@ class Run:
         self.resources = resources
         self.progress = progress
         self.run_id = uuid.uuid4().hex[:12]
+        self.raw_source = source
         self.source = shipped(source, "source", self.run_id)
         self.backbone = shipped(recipe, "backbone", self.run_id)
 
@@ -121,9 +122,13 @@ class Run:
 
         The tasks of several runs (the members of a collection) can go to one :meth:`gather`.
         """
+        one_task = int(np.prod(plan.n_blocks)) - int(done.sum()) == 1
         tasks = build_tasks(
             plan,
-            source=self.source,
+            # a source that one task reads travels inside it, not as a Dask key of its own
+            # (a collection of small images: one task fewer a member)
+            source=self.raw_source if one_task else self.source,
+            ship_source=not one_task,
             backbone=self.backbone,
             done=done,
             run_id=self.run_id,
@@ -132,8 +137,18 @@ class Run:
         todo = [k for k in tasks if not done[k]]
         weights = [block_windows_count(plan, *k) for k in todo]
         count = dask.delayed(_count, pure=False)
-        counts = [count(tasks[k], n) for k, n in zip(todo, weights, strict=True)]
+        # a task's strips stay on the workers; the bottom-right block passes none on, so it
+        # needs no counting task (one task fewer a member for a collection of small images)
+        last = (plan.n_blocks[0] - 1, plan.n_blocks[1] - 1)
+        counts = [
+            tasks[k] if k == last else count(tasks[k], n)
+            for k, n in zip(todo, weights, strict=True)
+        ]
         return counts, weights
+
+    def submit(self, tasks: list) -> list:
+        """Start computing delayed ``tasks``; their futures, which :meth:`gather` also takes."""
+        return self.client.compute(tasks, optimize_graph=False, resources=self.resources)
 
     def gather(
         self,
@@ -147,15 +162,19 @@ class Run:
         topics: list[str] | None = None,
         status: Callable[[], str] | None = None,
     ) -> list:
-        """Results of delayed ``tasks`` (in order), with a progress bar of ``weights`` windows.
+        """Results of delayed ``tasks`` or their futures (:meth:`submit`), in order, with a
+        progress bar of ``weights`` windows.
 
         With ``keep_errors`` a failed task's exception is its result instead of being raised
         (the other tasks go on); ``on_done(k, result)`` is called as each task ends. The bar
         listens to ``topics`` (default: this run's, for block tasks) and shows ``status()``.
         """
-        from distributed import KilledWorker, as_completed
+        from distributed import Future, KilledWorker, as_completed
 
-        futures = self.client.compute(tasks, optimize_graph=False, resources=self.resources)
+        if tasks and all(isinstance(t, Future) for t in tasks):
+            futures = list(tasks)
+        else:
+            futures = self.submit(tasks)
         index = {f.key: k for k, f in enumerate(futures)}
         results: list = [None] * len(futures)
         # block tasks report their windows as they go; the others count when they finish

@@ -13,6 +13,7 @@ the store so that an interrupted run resumes with only the missing blocks.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -168,17 +169,32 @@ def _block_windows(plan: BlockPlan, jb: int, ib: int) -> list[tuple[int, int]]:
     ]
 
 
+_READERS = threading.local()
+
+
+def _reader() -> ThreadPoolExecutor:
+    """The reading thread of the calling task thread, started once: a block of a small image
+    (a collection's member) is too short a task to pay for starting a thread each time."""
+    pool = getattr(_READERS, "pool", None)
+    if pool is None:
+        pool = _READERS.pool = ThreadPoolExecutor(1, thread_name_prefix="hrdv2-read")
+    return pool
+
+
 def _prefetched(source, plan: BlockPlan, groups: list) -> Iterator[np.ndarray]:
     """Raw windows of each group, the next group read in a thread while this one computes."""
     if not groups:
         return
-    with ThreadPoolExecutor(1, thread_name_prefix="hrdv2-read") as pool:
-        pending = pool.submit(_read_windows, source, plan, groups[0])
+    pool = _reader()
+    pending = pool.submit(_read_windows, source, plan, groups[0])
+    try:
         for k in range(len(groups)):
             raw = pending.result()
             if k + 1 < len(groups):
                 pending = pool.submit(_read_windows, source, plan, groups[k + 1])
             yield raw
+    finally:
+        pending.cancel()  # a task that failed mid-block leaves no read queued
 
 
 def run_block(
@@ -194,7 +210,8 @@ def run_block(
     token_bias: list[np.ndarray] | None = None,
     topic: str | None = None,
 ) -> dict[str, np.ndarray]:
-    """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream.
+    """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream
+    (those that a block below or to the right receives: none for the bottom-right block).
 
     Windows are blended on the backbone's device; only the finished block (in the stored dtype)
     and the thin strips cross back to the host. Each group of windows computed is reported on
@@ -260,13 +277,14 @@ def run_block(
     }
     last_row, last_col = jb == plan.n_blocks[0] - 1, ib == plan.n_blocks[1] - 1
     needed = {"bottom": not last_row, "right": not last_col, "corner": not (last_row or last_col)}
+    halo = {k: v for k, v in halo.items() if needed[k]}  # what some block receives
     BlockWriter(plan.store_path).write_block(
         (jb, ib),
         values.cpu().numpy(),
         (weight > 0).cpu().numpy(),
         origin=(ys[0], xs[0]),
         chunk=cc,
-        halo={k: v for k, v in halo.items() if needed[k]},
+        halo=halo,
     )
     return halo
 
@@ -298,8 +316,12 @@ def build_tasks(
     done: np.ndarray,
     run_id: str,
     token_bias: list[np.ndarray] | None = None,
+    ship_source: bool = True,
 ) -> dict:
     """Delayed block tasks in wavefront order; finished blocks only reload their halos.
+
+    ``source`` travels as a Dask key of its own, once per worker, unless ``ship_source`` is
+    false (for a graph of one task: it then travels inside that task).
 
     Returns
     -------
@@ -309,7 +331,8 @@ def build_tasks(
     import dask
 
     tasks: dict[tuple[int, int], Any] = {}
-    source = shipped(source, "source", run_id)
+    if ship_source:
+        source = shipped(source, "source", run_id)
     backbone = shipped(backbone, "backbone", run_id)
     token_bias = shipped(token_bias, "bias", run_id)
     run = dask.delayed(run_block, pure=False)

@@ -77,8 +77,13 @@ class BlockPlan:
         return range(jb * self.block, min((jb + 1) * self.block, n))
 
     def halo_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the strips a block passes on, for those that some block receives: none
+        for a grid of one block (a small image), only ``right`` for one row of blocks..."""
         c, b, k = self.channels + 1, self.blend_cells, self.block_cells
-        return {"bottom": (c, b, k), "right": (c, k, b), "corner": (c, b, b)}
+        rows, cols = self.n_blocks[0] > 1, self.n_blocks[1] > 1
+        shapes = {"bottom": (c, b, k), "right": (c, k, b), "corner": (c, b, b)}
+        used = {"bottom": rows, "right": cols, "corner": rows and cols}
+        return {name: shape for name, shape in shapes.items() if used[name]}
 
 
 @dataclass(frozen=True)
