@@ -9,8 +9,9 @@ coordinate the stores hold, and napari draws data pixel ``i`` centred at
 
 What opens as what (:func:`path_kind`):
 
-* a feature store: an image of the mean over its features;
-* a collection store: one such image per member, each its own layer;
+* a feature store: an image of the mean over its features, above its source image (at scale
+  1) when the source file recorded in the store is still there;
+* a collection store: those layers for each member, each its own layer;
 * ``pca.zarr``: an RGB image of its first 3 components (mapped like ``pca_rgb``: the model's
   1st-99th percentiles to 0-255), a grey image with fewer components;
 * ``pca.ome.zarr``: the multiscale RGB pyramid, placed with the coordinates of the
@@ -24,6 +25,7 @@ What opens as what (:func:`path_kind`):
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,14 +35,17 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from ..errors import StoreError
+from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
+from ..io.readers import open_image
 from ..io.store import ATTR, open_features
 
 __all__ = ["LayerData", "grid_placement", "napari_get_reader", "path_kind", "read_path"]
 
 #: napari's layer-data tuple: ``(data, kwargs, layer_type)``.
 LayerData = tuple[Any, dict[str, Any], str]
+
+log = logging.getLogger(__name__)
 
 _PCA_OME = "pca.ome.zarr"
 
@@ -137,6 +142,37 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     return mean, kwargs, "image"
 
 
+def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
+    """The store's source image (lazy, in source pixels), when its file is still readable."""
+    src = arr.attrs.get("source") or {}
+    path = src.get("path")
+    if not path or not Path(path).exists():
+        return None
+    try:
+        data, _ = open_image(path, level=int(src.get("level") or 0))
+    except Hrdv2Error as err:
+        log.warning("source of %s not shown: %s", name, err)
+        return None
+    shape = src.get("shape")
+    if shape and list(data.shape[:2]) != list(shape[:2]):
+        log.warning("source of %s not shown: %s is %s now, not %s", name, path, data.shape, shape)
+        return None
+    kwargs: dict[str, Any] = {
+        "name": f"{name}: source {Path(path).name}",
+        "metadata": {"hrdv2_kind": "source", "path": str(path)},
+    }
+    if data.shape[2] in (3, 4) and data.dtype == np.uint8:
+        kwargs["rgb"] = True
+    else:
+        data = data[..., 0]
+    return data, kwargs, "image"
+
+
+def _store_layers(arr: xr.DataArray, name: str, path: Path) -> list[LayerData]:
+    source = _source_layer(arr, name)
+    return ([source] if source else []) + [_features_layer(arr, name, path)]
+
+
 def _rgb_block(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     scaled = (block - lo[:, None, None]) / np.maximum(hi - lo, 1e-12)[:, None, None]
     scaled = np.where(np.isfinite(scaled), scaled, 0.0)
@@ -217,7 +253,7 @@ def read_path(path: str | os.PathLike) -> list[LayerData]:
     p = Path(path)
     kind = path_kind(p)
     if kind == "features":
-        return [_features_layer(open_features(p), p.name, p)]
+        return _store_layers(open_features(p), p.name, p)
     if kind == "collection":
         tree = open_collection(p)
         return [_features_layer(_member(node), key, p / key) for key, node in tree.children.items()]

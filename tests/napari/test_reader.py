@@ -82,6 +82,19 @@ def test_feature_store_opens_as_a_lazy_mean_image_on_the_source_grid(tmp_path, s
     np.testing.assert_allclose(np.asarray(data), values.mean(axis=0), rtol=1e-6, atol=1e-6)
 
 
+def test_feature_store_opens_over_its_source_image(tmp_path):
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    store = write_store(tmp_path / "f.zarr", _values(rng, (5, 10, 12)), out_stride=4, image=image)
+    [(src, skw, skind), (_, fkw, _)] = _read(store)
+    assert skind == "image" and skw["rgb"] is True and skw["name"] == "f.zarr: source f.zarr.npy"
+    assert "scale" not in skw and "translate" not in skw  # source pixels are the world units
+    np.testing.assert_array_equal(np.asarray(src), image)
+    _cells_cover_source_pixels(fkw, (10, 12), 4)
+    (tmp_path / "f.zarr.npy").unlink()  # a source that moved away: the features alone
+    assert [k["name"] for _, k, _ in _read(store)] == ["f.zarr: mean of 5 features"]
+
+
 def test_collection_opens_each_member_as_its_own_layer(tmp_path):
     rng = np.random.default_rng(1)
     members = {"a": _values(rng, (4, 8, 8)), "b": _values(rng, (4, 6, 10))}
