@@ -5,6 +5,6 @@ Nothing here imports napari: the reader returns plain napari layer-data tuples, 
 tested without a viewer.
 """
 
-from ._reader import napari_get_reader, read_path
+from ._reader import napari_get_reader, napari_get_stack_reader, read_path, read_stack
 
-__all__ = ["napari_get_reader", "read_path"]
+__all__ = ["napari_get_reader", "napari_get_stack_reader", "read_path", "read_stack"]

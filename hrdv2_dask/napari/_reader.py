@@ -11,7 +11,9 @@ What opens as what (:func:`path_kind`):
 
 * a feature store: an image of the mean over its features, above its source image (at scale
   1) when the source file recorded in the store is still there;
-* a collection store: those layers for each member, each its own layer;
+* a collection store: those layers for each member, each its own layer; or, with the second
+  reader (:func:`read_stack`, "as a stack" in napari's reader choice), one layer stacking
+  the members' means when they share one grid;
 * ``pca.zarr``: an RGB image of its first 3 components (mapped like ``pca_rgb``: the model's
   1st-99th percentiles to 0-255), a grey image with fewer components;
 * ``pca.ome.zarr``: the multiscale RGB pyramid, placed with the coordinates of the
@@ -40,7 +42,15 @@ from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
 
-__all__ = ["LayerData", "grid_placement", "napari_get_reader", "path_kind", "read_path"]
+__all__ = [
+    "LayerData",
+    "grid_placement",
+    "napari_get_reader",
+    "napari_get_stack_reader",
+    "path_kind",
+    "read_path",
+    "read_stack",
+]
 
 #: napari's layer-data tuple: ``(data, kwargs, layer_type)``.
 LayerData = tuple[Any, dict[str, Any], str]
@@ -266,6 +276,55 @@ def read_path(path: str | os.PathLike) -> list[LayerData]:
     raise StoreError(
         f"{str(p)!r} is not a feature store, a collection or an analysis output of hrdv2-dask."
     )
+
+
+def read_stack(path: str | os.PathLike) -> list[LayerData]:
+    """A collection as one image layer: its members' feature means stacked on a first axis
+    (in the table's order), for members that share one grid.
+
+    Raises
+    ------
+    StoreError
+        ``path`` is not a collection, or its members' grids differ (open it as separate layers).
+    """
+    p = Path(path)
+    if path_kind(p) != "collection":
+        raise StoreError(f"{str(p)!r} is not a collection store; open it as separate layers.")
+    members = {key: _member(node) for key, node in open_collection(p).children.items()}
+    if not members:
+        raise StoreError(f"Collection {str(p)!r} has no finished member to show.")
+    grids = {
+        key: (arr["y"].values.tolist(), arr["x"].values.tolist()) for key, arr in members.items()
+    }
+    first_key, first = next(iter(grids.items()))
+    other = next((k for k, g in grids.items() if g != first), None)
+    if other is not None:
+        raise StoreError(
+            f"Collection {str(p)!r} cannot open as a stack: member {other!r} is "
+            f"{members[other].shape[1:]} output cells, {first_key!r} is "
+            f"{members[first_key].shape[1:]}; open it as separate layers (the other reader)."
+        )
+    arr = members[first_key]
+    data = da.stack([_features_layer(a, k, p / k)[0] for k, a in members.items()])
+    place = _placement(arr.isel(feature=0))
+    kwargs = {
+        "name": f"{p.name}: {len(members)} members, mean of {arr.sizes['feature']} features",
+        "metadata": {"hrdv2_kind": "stack", "path": str(p), "members": list(members)},
+        "scale": (1.0, *place["scale"]),
+        "translate": (0.0, *place["translate"]),
+    }
+    return [(data, kwargs, "image")]
+
+
+def napari_get_stack_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 ``get_reader`` hook of the second reader: :func:`read_stack` for a collection."""
+    if isinstance(path, list):
+        if len(path) != 1:
+            return None
+        path = path[0]
+    if path_kind(path) != "collection":
+        return None
+    return lambda p: read_stack(p[0] if isinstance(p, list) else p)
 
 
 def _member(node: xr.DataTree) -> xr.DataArray:

@@ -26,6 +26,7 @@ from hrdv2_dask.io.store import open_features  # noqa: E402
 from hrdv2_dask.napari._reader import (  # noqa: E402
     grid_placement,
     napari_get_reader,
+    napari_get_stack_reader,
     path_kind,
     read_path,
 )
@@ -106,6 +107,29 @@ def test_collection_opens_each_member_as_its_own_layer(tmp_path):
         assert kind == "image" and kwargs["scale"] == (2.0, 2.0)
         assert kwargs["translate"] == (0.5, 0.5)
         np.testing.assert_allclose(np.asarray(data), values.mean(axis=0), rtol=1e-6, atol=1e-6)
+
+
+def test_collection_opens_as_a_stack_when_members_share_a_grid(tmp_path):
+    rng = np.random.default_rng(4)
+    members = {"a": _values(rng, (4, 8, 10)), "b": _values(rng, (4, 8, 10))}
+    store = write_collection(tmp_path / "c.zarr", members, out_stride=2)
+    reader = napari_get_stack_reader(str(store))
+    with dask.config.set(scheduler=_no_compute):
+        [(data, kwargs, kind)] = reader(str(store))
+    assert kind == "image" and data.shape == (2, 8, 10)
+    assert kwargs["scale"] == (1.0, 2.0, 2.0) and kwargs["translate"] == (0.0, 0.5, 0.5)
+    assert kwargs["metadata"]["members"] == ["a", "b"]
+    expected = np.stack([v.mean(axis=0) for v in members.values()])
+    np.testing.assert_allclose(np.asarray(data), expected, rtol=1e-6, atol=1e-6)
+    assert napari_get_stack_reader(str(tmp_path / "c.zarr" / "a")) is None  # a member alone
+
+
+def test_collection_of_other_grids_is_not_stacked(tmp_path):
+    rng = np.random.default_rng(5)
+    members = {"a": _values(rng, (4, 8, 10)), "b": _values(rng, (4, 6, 10))}
+    store = write_collection(tmp_path / "c.zarr", members)
+    with pytest.raises(StoreError, match=r"member 'b' is \(6, 10\) output cells.*separate layers"):
+        napari_get_stack_reader(str(store))(str(store))
 
 
 @pytest.fixture
