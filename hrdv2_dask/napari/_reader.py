@@ -324,7 +324,7 @@ def napari_get_stack_reader(path: str | list[str]) -> Callable[[Any], list[Layer
         path = path[0]
     if path_kind(path) != "collection":
         return None
-    return lambda p: read_stack(p[0] if isinstance(p, list) else p)
+    return lambda p, **_: read_stack(p[0] if isinstance(p, list) else p)
 
 
 def _member(node: xr.DataTree) -> xr.DataArray:
@@ -339,4 +339,4 @@ def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]]
         path = path[0]
     if path_kind(path) is None:
         return None
-    return lambda p: read_path(p[0] if isinstance(p, list) else p)
+    return lambda p, **_: read_path(p[0] if isinstance(p, list) else p)

@@ -225,3 +225,13 @@ def test_viewer_opens_a_store_with_the_plugin(outputs_of_one_store, request):
         np.testing.assert_array_equal(layer.translate, [1.5, 1.5])
     # source pixel (9, 13) lies in output cell (2, 3): napari maps it there
     np.testing.assert_array_equal(np.round(feats.world_to_data((9, 13))), [2, 3])
+
+    rng = np.random.default_rng(6)
+    coll = write_collection(root / "c.zarr", {k: _values(rng, (3, 8, 8)) for k in "ab"})
+    viewer.layers.clear()
+    viewer.open(str(coll), plugin="hrdv2-dask")  # the first reader: one layer per member
+    assert [layer.name for layer in viewer.layers] == [f"{k}: mean of 3 features" for k in "ab"]
+    viewer.layers.clear()
+    viewer.open(str(coll), plugin="hrdv2-dask.get_stack_reader")
+    [stack] = viewer.layers
+    assert stack.data.shape == (2, 8, 8) and stack.name == "c.zarr: 2 members, mean of 3 features"
