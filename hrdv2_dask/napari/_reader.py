@@ -57,6 +57,9 @@ LayerData = tuple[Any, dict[str, Any], str]
 
 log = logging.getLogger(__name__)
 
+#: Layers whose largest side is above this many cells open as a lazy pyramid (napari draws a
+#: level near the screen's resolution instead of the whole array).
+MULTISCALE_PX = 4096
 _PCA_OME = "pca.ome.zarr"
 
 
@@ -140,6 +143,48 @@ def _placement(arr: xr.DataArray) -> dict[str, Any]:
     scale, translate = grid_placement(arr["y"].values, arr["x"].values, arr.attrs.get("out_stride"))
     extra = arr.ndim - 2  # leading axes (channels, components) are not placed
     return {"scale": (1.0,) * extra + scale, "translate": (0.0,) * extra + translate}
+
+
+def pyramid(data: da.Array, *, labels: bool = False) -> list[da.Array]:
+    """``data`` and its 2x-smaller versions (lazy), down to :data:`MULTISCALE_PX` cells.
+
+    Levels of ``(y, x)`` or ``(..., y, x)`` arrays, and of RGB ``(y, x, c)`` ``uint8``
+    arrays (the ``y``/``x`` axes are found by the dtype), are 2x2 means (rounded for
+    integers), except label images, which take every other cell (a mean of labels is no
+    label). A side of odd length drops its last cell.
+
+    Examples
+    --------
+    >>> [lv.shape for lv in pyramid(da.zeros((9000, 5000), chunks=1000))]
+    [(9000, 5000), (4500, 2500), (2250, 1250)]
+    """
+    rgb = data.ndim == 3 and data.dtype == np.uint8 and data.shape[2] in (3, 4)
+    axes = (0, 1) if rgb else (data.ndim - 2, data.ndim - 1)
+    levels = [data]
+    while max(levels[-1].shape[a] for a in axes) > MULTISCALE_PX:
+        prev = levels[-1]
+        if labels:
+            index = tuple(
+                slice(None, None, 2) if a in axes else slice(None) for a in range(prev.ndim)
+            )
+            levels.append(prev[index])
+            continue
+        mean = da.coarsen(
+            np.mean, prev.astype(np.float32), dict.fromkeys(axes, 2), trim_excess=True
+        )
+        levels.append(mean.round().astype(prev.dtype) if prev.dtype.kind in "iu" else mean)
+    return levels
+
+
+def _multiscale(layer: LayerData) -> LayerData:
+    """``layer`` with a pyramid for data above :data:`MULTISCALE_PX` (placement unchanged)."""
+    data, kwargs, kind = layer
+    if isinstance(data, list):
+        return layer
+    levels = pyramid(data, labels=kind == "labels")
+    if len(levels) == 1:
+        return layer
+    return levels, {**kwargs, "multiscale": True}, kind
 
 
 def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
@@ -253,20 +298,28 @@ def _read_array(path: Path, kind: str) -> list[LayerData]:
 
 
 def read_path(path: str | os.PathLike) -> list[LayerData]:
-    """The napari layer-data tuples of a store or an output (see the module docstring).
+    """The napari layer-data tuples of a store or an output (see the module docstring); a layer
+    above :data:`MULTISCALE_PX` cells is a lazy :func:`pyramid`.
 
     Raises
     ------
     StoreError
         ``path`` is none of them, or a store that cannot be opened (its one-line message).
     """
-    p = Path(path)
+    return [_multiscale(layer) for layer in _read_layers(Path(path))]
+
+
+def _read_layers(p: Path) -> list[LayerData]:
     kind = path_kind(p)
     if kind == "features":
         return _store_layers(open_features(p), p.name, p)
     if kind == "collection":
         tree = open_collection(p)
-        return [_features_layer(_member(node), key, p / key) for key, node in tree.children.items()]
+        return [
+            layer
+            for key, node in tree.children.items()
+            for layer in _store_layers(_member(node), key, p / key)
+        ]
     if kind == "ome":
         return _read_ome(p)
     if kind == "pca":
@@ -313,7 +366,7 @@ def read_stack(path: str | os.PathLike) -> list[LayerData]:
         "scale": (1.0, *place["scale"]),
         "translate": (0.0, *place["translate"]),
     }
-    return [(data, kwargs, "image")]
+    return [_multiscale((data, kwargs, "image"))]
 
 
 def napari_get_stack_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:

@@ -23,6 +23,7 @@ from hrdv2_dask.analysis.pca import write_pca  # noqa: E402
 from hrdv2_dask.errors import StoreError  # noqa: E402
 from hrdv2_dask.io import outputs  # noqa: E402
 from hrdv2_dask.io.store import open_features  # noqa: E402
+from hrdv2_dask.napari import _reader  # noqa: E402
 from hrdv2_dask.napari._reader import (  # noqa: E402
     grid_placement,
     napari_get_reader,
@@ -102,6 +103,12 @@ def test_collection_opens_each_member_as_its_own_layer(tmp_path):
     store = write_collection(tmp_path / "c.zarr", members, out_stride=2)
     assert path_kind(store) == "collection"
     layers = _read(store)
+    assert [k["name"] for _, k, _ in layers] == ["a: mean of 4 features", "b: mean of 4 features"]
+    image = rng.integers(0, 255, (12, 20), dtype=np.uint8)
+    with_source = write_collection(tmp_path / "s.zarr", members, out_stride=2, images={"b": image})
+    shown = _read(with_source)  # member b's source, below its features
+    assert [k["name"] for _, k, _ in shown][1:] == ["b: source b.npy", "b: mean of 4 features"]
+    np.testing.assert_array_equal(np.asarray(shown[1][0]), image)
     assert [k["name"] for _, k, _ in layers] == ["a: mean of 4 features", "b: mean of 4 features"]
     for (data, kwargs, kind), values in zip(layers, members.values(), strict=True):
         assert kind == "image" and kwargs["scale"] == (2.0, 2.0)
@@ -188,6 +195,24 @@ def test_labels_and_similarity(outputs_of_one_store):
     assert kind == "image" and kwargs["colormap"] == "inferno"
     assert kwargs["scale"] == (4.0, 4.0) and kwargs["translate"] == (1.5, 1.5)
     assert float(np.asarray(sim)[2, 3]) == pytest.approx(1.0, abs=1e-3)  # the query point
+
+
+def test_big_layers_open_as_lazy_pyramids(tmp_path, monkeypatch):
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 5)
+    rng = np.random.default_rng(7)
+    values = _values(rng, (3, 21, 12))
+    [(levels, kwargs, kind)] = _read(write_store(tmp_path / "f.zarr", values, out_stride=2))
+    assert kwargs["multiscale"] is True and kwargs["scale"] == (2.0, 2.0)
+    assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3)]
+    mean = values.mean(axis=0)
+    level1 = mean[:20].reshape(10, 2, 6, 2).mean(axis=(1, 3))
+    np.testing.assert_allclose(np.asarray(levels[1]), level1, rtol=1e-5, atol=1e-6)
+    labels = rng.integers(0, 5, (21, 12)).astype(np.uint8)
+    lab = _reader.pyramid(dask.array.from_array(labels, chunks=8), labels=True)
+    np.testing.assert_array_equal(np.asarray(lab[1]), labels[::2, ::2])  # labels, not means
+    rgb = _reader.pyramid(dask.array.from_array(np.full((21, 12, 3), 7, np.uint8), chunks=8))
+    assert [lv.shape for lv in rgb] == [(21, 12, 3), (10, 6, 3), (5, 3, 3)]
+    assert rgb[2].dtype == np.uint8 and (np.asarray(rgb[2]) == 7).all()
 
 
 def test_other_paths_are_not_ours(tmp_path, outputs_of_one_store):
