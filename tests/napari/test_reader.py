@@ -97,6 +97,30 @@ def test_feature_store_opens_over_its_source_image(tmp_path):
     assert [k["name"] for _, k, _ in _read(store)] == ["f.zarr: mean of 5 features"]
 
 
+def test_extracted_store_sits_on_its_source_pixels(tmp_path, local_client):
+    """A real run (MeanPool, stride 7): its output cells tile the source image exactly."""
+    import hrdv2_dask as hd
+
+    rng = np.random.default_rng(8)
+    image = np.kron(rng.integers(0, 255, (6, 8, 3)), np.ones((14, 14, 1))).astype(np.uint8)
+    np.save(tmp_path / "img.npy", image)
+    hd.extract(
+        tmp_path / "img.npy",
+        tmp_path / "f.zarr",
+        backbone=hd.MeanPool(14, 7),
+        out_stride=7,
+        tile=140,
+        dtype="float32",
+        client=local_client,
+        progress=False,
+    )
+    [(src, _, _), (data, kwargs, _)] = _read(tmp_path / "f.zarr")
+    assert kwargs["scale"] == (7.0, 7.0) and kwargs["translate"] == (3.0, 3.0)
+    _cells_cover_source_pixels(kwargs, data.shape, 7)
+    np.testing.assert_array_equal(np.asarray(src), image)
+    assert data.shape == (12, 16) and (12 * 7, 16 * 7) == image.shape[:2]
+
+
 def test_collection_opens_each_member_as_its_own_layer(tmp_path):
     rng = np.random.default_rng(1)
     members = {"a": _values(rng, (4, 8, 8)), "b": _values(rng, (4, 6, 10))}
