@@ -239,6 +239,28 @@ def test_big_layers_open_as_lazy_pyramids(tmp_path, monkeypatch):
     assert rgb[2].dtype == np.uint8 and (np.asarray(rgb[2]) == 7).all()
 
 
+def test_an_array_with_a_leading_axis_opens_as_a_stack_on_the_grid(outputs_of_one_store):
+    root, feats, _ = outputs_of_one_store
+    proba = feats.isel(feature=slice(0, 2)).rename(feature="class")
+    outputs.write_array(proba, root / "seg" / "probabilities.zarr", name="probability")
+    [(data, kwargs, kind)] = _read(root / "seg" / "probabilities.zarr")
+    assert kind == "image" and data.shape == (2, 20, 24)
+    assert kwargs["scale"] == (1.0, 4.0, 4.0) and kwargs["translate"] == (0.0, 1.5, 1.5)
+
+
+def test_an_unfinished_store_is_refused_in_one_line(tmp_path):
+    import zarr
+
+    from hrdv2_dask.errors import IncompleteStoreError
+
+    store = write_store(tmp_path / "f.zarr", _values(np.random.default_rng(9)))
+    root = zarr.open_group(store, mode="r+")  # as a run killed before it finished leaves it
+    meta = dict(root.attrs["hrdv2"])
+    root.attrs["hrdv2"] = {**meta, "complete": False}
+    with pytest.raises(IncompleteStoreError, match="incomplete.*Rerun the same command"):
+        _read(store)
+
+
 def test_other_paths_are_not_ours(tmp_path, outputs_of_one_store):
     root, _, _ = outputs_of_one_store
     (tmp_path / "plain").mkdir()
