@@ -16,7 +16,8 @@ What opens as what (:func:`path_kind`):
   the members' means when they share one grid;
 * ``pca.zarr``: an RGB image of its first 3 components (mapped like ``pca_rgb``: the model's
   1st-99th percentiles to 0-255), a grey image with fewer components;
-* ``pca.ome.zarr``: the multiscale RGB pyramid, placed with the coordinates of the
+* ``pca.ome.zarr`` (an OME-Zarr written by :func:`hrdv2_dask.io.outputs.write_ome_pyramid`):
+  the multiscale RGB pyramid, placed with the coordinates of the
   ``pca.zarr`` beside it;
 * a ``labels`` array (``clusters.zarr``, ``segmentation.zarr``, ``similarity_mask.zarr``):
   a Labels layer;
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 #: level near the screen's resolution instead of the whole array).
 MULTISCALE_PX = 4096
 _PCA_OME = "pca.ome.zarr"
+_OME_METHOD = "hrdv2_dask.io.outputs.write_ome_pyramid"  # its multiscales metadata
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -75,14 +77,14 @@ def _array_var(path: Path) -> str | None:
     root = _json(path / "zarr.json")
     if not root or root.get("node_type") != "group":
         return None
-    names = [
-        p.name
+    if not all((path / c / "zarr.json").is_file() for c in ("y", "x")):
+        return None  # the coordinates place it on the source grid: without them, not ours
+    dims = {
+        p.name: (_json(p / "zarr.json") or {}).get("dimension_names") or []
         for p in sorted(path.iterdir())
-        if p.is_dir() and p.name not in ("y", "x") and (p / "zarr.json").is_file()
-    ]
-    arrays = [n for n in names if (_json(path / n / "zarr.json") or {}).get("node_type") == "array"]
-    dims = {n: (_json(path / n / "zarr.json") or {}).get("dimension_names") or [] for n in arrays}
-    data = [n for n in arrays if {"y", "x"} <= set(dims[n]) and dims[n] not in (["y"], ["x"])]
+        if p.is_dir() and p.name not in ("y", "x")
+    }
+    data = [n for n, d in dims.items() if {"y", "x"} <= set(d)]
     return data[0] if len(data) == 1 else None
 
 
@@ -102,8 +104,9 @@ def path_kind(path: str | os.PathLike) -> str | None:
     if ATTR in attrs:
         return "features"
     if root is None:
-        v2 = _json(p / ".zattrs") or {}
-        return "ome" if "multiscales" in v2 else None
+        ms = (_json(p / ".zattrs") or {}).get("multiscales") or [{}]
+        method = (ms[0].get("metadata") or {}).get("method")
+        return "ome" if method == _OME_METHOD else None  # others' OME-Zarr: napari's readers
     var = _array_var(p)
     if var is None:
         return None

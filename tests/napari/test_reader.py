@@ -6,13 +6,16 @@ viewer test needs napari, pytest-qt and a display (``xvfb-run``) and skips witho
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import dask
 import numpy as np
 import pytest
+import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "analysis"))
 from synthetic_stores import write_collection, write_store  # noqa: E402
@@ -265,7 +268,15 @@ def test_other_paths_are_not_ours(tmp_path, outputs_of_one_store):
     root, _, _ = outputs_of_one_store
     (tmp_path / "plain").mkdir()
     (tmp_path / "a.txt").write_text("x")
-    for path in (tmp_path / "plain", tmp_path / "a.txt", tmp_path / "missing", root / "pca"):
+    xr.DataArray(np.zeros((3, 4)), dims=("y", "x"), name="v").to_zarr(tmp_path / "nocoords.zarr")
+    ome = root / "pca" / "pca.ome.zarr" / ".zattrs"
+    other = tmp_path / "other.ome.zarr"
+    shutil.copytree(root / "pca" / "pca.ome.zarr", other)
+    attrs = json.loads(ome.read_text())
+    attrs["multiscales"][0]["metadata"]["method"] = "another tool"
+    (other / ".zattrs").write_text(json.dumps(attrs))
+    paths = [tmp_path / "plain", tmp_path / "a.txt", tmp_path / "missing", root / "pca"]
+    for path in (*paths, tmp_path / "nocoords.zarr", other):
         assert napari_get_reader(str(path)) is None
     assert napari_get_reader([str(root / "f.zarr")] * 2) is None
     with pytest.raises(StoreError, match="not a feature store"):
