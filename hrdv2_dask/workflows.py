@@ -199,15 +199,13 @@ def _features_for(wf: Workflow, out: Path, *, client=None, progress: bool = True
             write_sample_image(out / "sample.zarr", size=wf.sample_size, png=out / "sample.png")
         )
     features = dataclasses.replace(wf.features, weights=_weights_or_random(wf.features))
-    options = extract_options(features, wf.cluster)
     if features.plane is None and not _one_image(source, features):
         # several images (a stack, a folder...): a collection store; analyses run on its tree
         from .pipeline.collection import extract_collection
 
-        run = extract_collection
-        options = extract_options(features, wf.cluster, wf.collection)
+        run, options = extract_collection, extract_options(features, wf.cluster, wf.collection)
     else:
-        run = extract
+        run, options = extract, extract_options(features, wf.cluster)
     result = run(source, out / "features.zarr", client=client, progress=progress, **options)
     for row in result.attrs.get("members", []) if run is not extract else []:
         if row.get("status") == "failed":

@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError
 from ..io import outputs
 
-__all__ = ["FORMAT", "TRUSTED", "read_fields", "save_fields"]
+__all__ = ["FORMAT", "TRUSTED", "read_fields", "save_fields", "saved"]
 
 FORMAT = "hrdv2-model"
 _VERSION = 1
@@ -104,3 +104,9 @@ def read_fields(path: str | os.PathLike) -> tuple[str, dict[str, Any], Any]:
         except Exception as err:  # noqa: BLE001 - any unreadable file is the same problem
             raise InputError(f"Cannot read the estimator of model {str(path)!r}: {err}") from None
     return str(meta.get("kind")), fields, estimator
+
+
+def saved(model: Any, path: str | os.PathLike | None) -> dict[str, str]:
+    """``{"model": folder}`` after ``model.save(path)`` (the ``--save-model`` option), or ``{}``
+    without a path: the entry a run function adds to its summary."""
+    return {"model": str(model.save(path))} if path else {}

@@ -27,7 +27,7 @@ from ._common import (
     sklearn_missing,
     wrap,
 )
-from ._saved import save_fields
+from ._saved import save_fields, saved
 from .collection import (
     AcrossMembers,
     check_settings,
@@ -304,9 +304,7 @@ def run_cluster(options: KMeansOptions, features: xr.DataArray | xr.DataTree, ou
     """Fit, then write ``clusters.zarr`` and ``clusters.png`` under ``out`` (per member for a
     collection); return their paths."""
     model = _fit_kmeans(features, options)
-    extra = {}
-    if options.save_model:
-        extra["model"] = str(model.save(options.save_model))
+    extra = saved(model, options.save_model)
     return write_clusters(
         model, features, out, attrs=run_attrs(options), images=options.images, extra=extra
     )

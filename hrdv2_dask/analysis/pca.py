@@ -28,7 +28,7 @@ from ._common import (
     wrap,
     yx_coords,
 )
-from ._saved import save_fields
+from ._saved import save_fields, saved
 from .collection import (
     AcrossMembers,
     check_settings,
@@ -507,9 +507,7 @@ def run_pca(options: PCAOptions, features: xr.DataArray | xr.DataTree, out: Path
     under ``out`` (per member for a collection); return their paths and the explained variance
     ratios."""
     model = _fit_pca(features, options)
-    extra = {}
-    if options.save_model:
-        extra["model"] = str(model.save(options.save_model))
+    extra = saved(model, options.save_model)
     return write_pca(
         model, features, out, attrs=run_attrs(options), images=options.images, extra=extra
     )

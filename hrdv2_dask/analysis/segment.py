@@ -27,7 +27,7 @@ from ._common import (
     sklearn_missing,
     wrap,
 )
-from ._saved import save_fields
+from ._saved import save_fields, saved
 from .collection import (
     KEYS,
     AcrossMembers,
@@ -840,9 +840,7 @@ def run_segment(options: SegmentOptions, features: xr.DataArray | xr.DataTree, o
     else:
         labels = _label_plane(options.labels)
     seg, report = _fit_segmenter(features, labels, options)
-    extra = dict(report)
-    if options.save_model:
-        extra["model"] = str(seg.save(options.save_model))
+    extra = {**report, **saved(seg, options.save_model)}
     return write_segmentation(
         seg,
         features,
