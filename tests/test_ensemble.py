@@ -106,7 +106,7 @@ def naive_ensemble(img: torch.Tensor, bb, ts) -> torch.Tensor:
 @pytest.mark.parametrize("stride", [14, 7])
 def test_matches_naive_reference(tiny_random_dinov2, stride):
     bb = hd.backbones.Backbone(tiny_random_dinov2.model, name="tiny", stride=stride)
-    img = torch.randn(3, 61, 79, generator=torch.Generator().manual_seed(1))
+    img = torch.randn(3, 37, 47, generator=torch.Generator().manual_seed(1))
     ts = hd.combine(hd.shifts((1, 2)), hd.flips(), hd.rotations())
     ours = hd.highres_features(img, bb, ts, precision="fp32")  # exactness: fp32 like the naive
     ref = naive_ensemble(img, bb, ts)
