@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -65,6 +66,8 @@ class Hrdv2Widget(QWidget):
         self._workers: list[Any] = []
         self._buttons: list[QPushButton] = []
         self.last_error: str | None = None
+        self._watched: Any = None  # the points layer whose clicks update the similarity
+        self._pending = False
 
         layout = QVBoxLayout(self)
         layout.addWidget(self._store_box())
@@ -112,7 +115,11 @@ class Hrdv2Widget(QWidget):
         box = QGroupBox("Similarity")
         form = QFormLayout(box)
         self.points_layer = QComboBox()
+        self.points_layer.currentTextChanged.connect(self._watch_points)
         form.addRow("points", self.points_layer)
+        self.live = QCheckBox("update on each click")
+        self.live.setChecked(True)
+        form.addRow(self.live)
         row = QHBoxLayout()
         row.addWidget(self._button("New points", self.new_points, "a Points layer to click in"))
         row.addWidget(
@@ -207,6 +214,34 @@ class Hrdv2Widget(QWidget):
             elif names:
                 combo.setCurrentIndex(len(names) - 1)  # the newest
             combo.blockSignals(False)
+        name = self.points_layer.currentText()
+        if (
+            self._watched is None
+            or self._watched.name != name
+            or self._watched not in (self.viewer.layers)
+        ):
+            self._watch_points(name)
+
+    def _watch_points(self, name: str) -> None:
+        if self._watched is not None:
+            self._watched.events.data.disconnect(self._on_points)
+            self._watched = None
+        self._watched = self.viewer.layers[name] if name in self.viewer.layers else None
+        if self._watched is not None:
+            self._watched.events.data.connect(self._on_points)
+
+    def _on_points(self, event: Any = None) -> None:
+        """Points added, moved or deleted: the similarity again (once the running step ends)."""
+        if getattr(event, "action", None) in ("adding", "removing", "changing"):
+            return  # the data change itself follows
+        if not self.live.isChecked() or self._watched is None or not len(self._watched.data):
+            return
+        if not self.store_layer.currentText():
+            return
+        if self.busy:
+            self._pending = True
+            return
+        self.run_similarity()
 
     def _layer(self, combo: QComboBox, what: str) -> Any:
         name = combo.currentText()
@@ -375,6 +410,9 @@ class Hrdv2Widget(QWidget):
     def _start(self, work: Callable[[Session], Iterator[Any]]) -> None:
         from napari.qt.threading import create_worker
 
+        if self.busy:
+            self._error("Busy: wait for the running step to finish.")
+            return
         try:
             session = self.session()
         except Exception as err:  # noqa: BLE001
@@ -397,6 +435,9 @@ class Hrdv2Widget(QWidget):
         if not self._workers:
             for button in self._buttons:
                 button.setEnabled(True)
+            if self._pending:
+                self._pending = False
+                self.run_similarity()
 
     def _on_yielded(self, item: tuple) -> None:
         what = item[0]

@@ -69,13 +69,18 @@ def test_scripted_session(planted_store, viewer_and_widget, tmp_path):  # noqa: 
     # points -> similarity layer, on the source grid
     widget.new_points()
     viewer.layers["query points"].add([[50.0, 50.0]])  # source pixel (50, 50): cell (7, 7)
-    widget.run_similarity()
-    assert widget.busy  # off the GUI thread
+    assert widget.busy  # the click started it, off the GUI thread
     wait()
     sim = viewer.layers["f.zarr: similarity"]
     assert sim.data.shape == (16, 16) and float(sim.data[7, 7]) == pytest.approx(1.0, abs=1e-5)
     np.testing.assert_array_equal(sim.scale, [7, 7])
     np.testing.assert_array_equal(sim.translate, [3, 3])
+
+    viewer.layers["query points"].add([[20.0, 90.0]])  # a second point: the map updates
+    wait()
+    assert float(sim.data[7, 7]) < 1 and widget.status.text().startswith(
+        "similarity to the mean of 2"
+    )
 
     # paint two classes -> Train -> segmentation, the view first, then the whole image
     viewer.camera.center = (56.0, 56.0)
@@ -141,7 +146,6 @@ def test_scripted_session(planted_store, viewer_and_widget, tmp_path):  # noqa: 
     wait()
     assert widget.last_error.startswith("The points layer is empty")
     assert "\n" not in widget.last_error
-    viewer.layers["query points"].add([[500.0, 5.0]])
-    widget.run_similarity()
+    viewer.layers["query points"].add([[500.0, 5.0]])  # updates on the click
     wait()
     assert widget.last_error.startswith("Point (y=500.0, x=5.0) is outside the features")
