@@ -50,12 +50,6 @@ def _notify_error(message: str) -> None:
     show_error(message)
 
 
-def _notify_info(message: str) -> None:
-    from napari.utils.notifications import show_info
-
-    show_info(message)
-
-
 class Hrdv2Widget(QWidget):
     """The ``hrdv2-dask`` dock widget (napari: Plugins > HR-Dv2 analysis)."""
 
@@ -442,8 +436,7 @@ class Hrdv2Widget(QWidget):
     def _on_yielded(self, item: tuple) -> None:
         what = item[0]
         if what == "status":
-            self.status.setText(item[1])
-            _notify_info(item[1])
+            self.status.setText(item[1])  # a line in the widget, no notification
         elif what == "progress":
             done, total = item[1]
             self.progress.setValue(int(1000 * done / max(total, 1)))
