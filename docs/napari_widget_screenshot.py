@@ -25,6 +25,7 @@ from qtpy.QtWidgets import QApplication
 from scipy import ndimage
 
 import hrdv2_dask as hd
+from hrdv2_dask.filterbank import FilterBank
 from hrdv2_dask.masking import otsu_threshold
 from hrdv2_dask.napari._widget import Hrdv2Widget
 
@@ -64,8 +65,9 @@ def fit_view(viewer: napari.Viewer, shape: tuple[int, int]) -> None:
     """Fill the canvas with the image (reset_view of a hidden window sees an old size)."""
     QApplication.processEvents()
     h, w = viewer.canvas.size
-    viewer.camera.center = (shape[0] / 2 - 0.5, shape[1] / 2 - 0.5)
-    viewer.camera.zoom = 0.97 * min(h / shape[0], w / shape[1])
+    camera = viewer.scene.camera
+    camera.center = (shape[0] / 2 - 0.5, shape[1] / 2 - 0.5)
+    camera.zoom = 0.97 * min(h / shape[0], w / shape[1])
     QApplication.processEvents()
 
 
@@ -83,8 +85,7 @@ def main(out: Path = REPO / "docs" / "napari_widget.png") -> None:
         hd.extract(
             "sofc.npy",
             "sofc.zarr",
-            backbone="filterbank",
-            model_options={"sigma_max": 8},
+            backbone=FilterBank(sigma_max=8),  # by name, timm (and triton) would load
             tile=224,
             dtype="float32",
             precision="fp32",

@@ -256,20 +256,22 @@ class Grid:
             crop = np.clip(crop, 0, None)
         return rows, cols, crop
 
-    def scribbles_layer(self, max_pixels: int = 64_000_000) -> tuple[tuple[int, int], float, tuple]:
-        """``(shape, pixels per cell, translate)`` of a new empty scribbles layer: the source
-        pixels when there are at most ``max_pixels`` of them, else one pixel per cell.
+    def scribbles_layer(
+        self, stride: int, max_pixels: int = 64_000_000
+    ) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
+        """``(shape, scale, translate)`` of a new empty scribbles layer: on the source pixels
+        (``stride`` per cell) when there are at most ``max_pixels`` of them, else on the cells.
 
-        >>> Grid((10, 12), (4.0, 4.0), (1.5, 1.5)).scribbles_layer()
-        ((40, 48), 4, (0.0, 0.0))
+        >>> Grid((10, 12), (4.0, 4.0), (1.5, 1.5)).scribbles_layer(4)
+        ((40, 48), (1.0, 1.0), (0.0, 0.0))
         """
-        sub = max(1, round(min(self.scale)))
+        sub = max(1, int(stride))
         if self.shape[0] * self.shape[1] * sub * sub > max_pixels:
             sub = 1
         shape = (self.shape[0] * sub, self.shape[1] * sub)
         px = (self.scale[0] / sub, self.scale[1] / sub)
         translate = tuple(self.translate[a] - self.scale[a] / 2 + px[a] / 2 for a in range(2))
-        return shape, sub, translate
+        return shape, px, (translate[0], translate[1])
 
 
 @dataclass
@@ -326,6 +328,16 @@ class Session:
         self._scratch: Path | None = None
 
     @property
+    def stride(self) -> int:
+        """The store's ``out_stride``: source pixels per cell."""
+        return int(self.features.attrs.get("out_stride", 1))
+
+    def scribbles_layer(self) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
+        """``(shape, scale, translate)`` of an empty scribbles layer (see
+        :meth:`Grid.scribbles_layer`)."""
+        return self.grid.scribbles_layer(self.stride)
+
+    @property
     def name(self) -> str:
         """The store's name, as the reader names its layers."""
         return self.path.name
@@ -351,7 +363,7 @@ class Session:
         predict every cell. The fit reads only the features under the scribbles."""
         rows, cols, crop = self.grid.scribbles(labels, scale, translate)
         sub = crop.shape[0] // (rows.stop - rows.start)
-        stride = int(self.features.attrs.get("out_stride", 1))
+        stride = self.stride
         if sub not in (1, stride):
             raise InputError(
                 f"The scribbles layer has {sub} pixels per feature cell; paint at the source "

@@ -258,8 +258,17 @@ class Hrdv2Widget(QWidget):
             self._sessions[key] = Session(layer.metadata["path"], grid)
         return self._sessions[key]
 
+    def _camera(self) -> Any:
+        scene = getattr(self.viewer, "scene", None)  # napari >= 0.9; viewer.camera before
+        return scene.camera if scene is not None else self.viewer.camera
+
+    def _canvas_size(self) -> tuple[int, int]:
+        canvas = getattr(self.viewer, "canvas", None)  # napari >= 0.6
+        size = canvas.size if canvas is not None else getattr(self.viewer, "_canvas_size", None)
+        return tuple(int(v) for v in size) if size is not None else (600, 800)
+
     def _view_window(self, session: Session) -> tuple[slice, slice] | None:
-        camera, (h, w) = self.viewer.camera, self.viewer.canvas.size
+        camera, (h, w) = self._camera(), self._canvas_size()
         centre = np.asarray(camera.center[-2:], dtype=np.float64)
         half = np.asarray([h, w], dtype=np.float64) / (2 * camera.zoom)
         return session.grid.window(centre - half, centre + half, (h, w))
@@ -292,12 +301,10 @@ class Hrdv2Widget(QWidget):
     def new_scribbles(self) -> None:
         """An empty Labels layer on the features' pixel lattice, in paint mode."""
         try:
-            grid = self.session().grid
+            shape, scale, translate = self.session().scribbles_layer()
         except Exception as err:  # noqa: BLE001
             self._error(one_line(err))
             return
-        shape, sub, translate = grid.scribbles_layer()
-        scale = (grid.scale[0] / sub, grid.scale[1] / sub)
         layer = self.viewer.add_labels(
             np.zeros(shape, np.uint8), name="scribbles", scale=scale, translate=translate
         )
@@ -308,7 +315,7 @@ class Hrdv2Widget(QWidget):
 
     def _marker(self) -> float:
         """A marker size of about 10 screen pixels, in world units."""
-        return float(10 / max(self.viewer.camera.zoom, 1e-9))
+        return float(10 / max(self._camera().zoom, 1e-9))
 
     def run_similarity(self) -> None:
         try:

@@ -83,8 +83,9 @@ def test_scripted_session(planted_store, viewer_and_widget, tmp_path):  # noqa: 
     )
 
     # paint two classes -> Train -> segmentation, the view first, then the whole image
-    viewer.camera.center = (56.0, 56.0)
-    viewer.camera.zoom = 8.0 * max(viewer.canvas.size) / 800  # about 100 px of 112 in view
+    camera = widget._camera()
+    camera.center = (56.0, 56.0)
+    camera.zoom = 8.0 * max(viewer.canvas.size) / 800  # about 100 px of 112 in view
     widget.new_scribbles()
     scribbles = viewer.layers["scribbles"]
     assert scribbles.data.shape == image.shape[:2]  # on the source pixels

@@ -145,9 +145,14 @@ def test_scribbles_on_source_pixels_on_cells_and_on_a_bigger_layer():
         g.scribbles(lab, (0.75, 1), (0, 0))
     with pytest.raises(InputError, match="has no label on the image"):
         g.scribbles(np.zeros((8, 10), np.uint8), (1, 1), (0, 0))
-    shape, sub, translate = g.scribbles_layer()
-    assert shape == (8, 10) and sub == 2 and translate == (0.0, 0.0)
-    assert g.scribbles_layer(max_pixels=39)[:2] == ((4, 5), 1)
+    shape, scale, translate = g.scribbles_layer(2)
+    assert shape == (8, 10) and scale == (1.0, 1.0) and translate == (0.0, 0.0)
+    rows, cols, _ = g.scribbles(lab, scale, translate)
+    assert (rows, cols) == (slice(1, 3), slice(1, 5))  # the new layer is on the lattice
+    assert g.scribbles_layer(2, max_pixels=39) == ((4, 5), (2.0, 2.0), (0.5, 0.5))
+    # physical units (2.5 um per source pixel): the layer is still on the source pixels
+    phys = Grid((4, 5), (5.0, 5.0), (2.5, 2.5))
+    assert phys.scribbles_layer(2) == ((8, 10), (2.5, 2.5), (1.25, 1.25))
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +289,15 @@ def test_errors_are_one_line_and_say_what_to_do(store, tmp_path):
 
 def test_any_feature_count_filterbank_included(tmp_path, local_client):
     import hrdv2_dask as hd
+    from hrdv2_dask.filterbank import FilterBank
 
     image, truth = planted(64, seed=3)
     hd.extract(
         image,
         tmp_path / "fb.zarr",
-        backbone="filterbank",
-        model_options={"sigma_max": 2},
+        # the module itself, not the name "filterbank": loading by name imports timm, whose
+        # triton import crashes a process that has drawn a napari viewer (the viewer tests)
+        backbone=FilterBank(sigma_max=2),
         tile=64,
         dtype="float32",
         precision="fp32",
