@@ -28,6 +28,8 @@ def test_manifest_is_valid_and_declares_the_widget():
     command = next(c for c in manifest.contributions.commands if c.id == widget.command)
     assert command.python_name == "hrdv2_dask.napari._widget:Hrdv2Widget"
     assert widget.display_name == "HR-Dv2 analysis"
+    pytest.importorskip("qtpy", exc_type=ImportError)  # the widget's module needs a Qt binding
+    manifest.validate_imports()  # `npe2 validate --imports`: every python_name imports
 
 
 @pytest.fixture
