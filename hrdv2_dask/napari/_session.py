@@ -279,13 +279,15 @@ class Result:
     """One analysis result of a session: a lazy ``(y, x)`` (or ``(y, x, rgb)``) array.
 
     ``model`` is the fitted model (None for similarity), ``info`` what the fit reports
-    (query cells, training accuracy...).
+    (query cells, training accuracy...), ``apply`` the per-cell function that made ``data``
+    from the features, when there is one (then a view runs it on the cells shown only).
     """
 
     kind: str
     data: xr.DataArray
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
+    apply: Callable[[xr.DataArray], xr.DataArray] | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> bool:
@@ -371,12 +373,12 @@ class Session:
             )
         part = self.features.isel(y=rows, x=cols)
         model, report = fit_segmenter(part, crop, method=method, seed=seed)
-        return self._keep(Result("segmentation", model.predict(self.features), model, report))
+        return self._model_result("segmentation", model, report)
 
     def pca(self, *, n_samples: int = PCAOptions.samples, seed: int = PCAOptions.seed) -> Result:
         """A 3-component PCA fitted on a sample; its RGB picture (``pca_rgb``)."""
         model = fit_pca(self.features, components=3, n_samples=n_samples, seed=seed)
-        return self._keep(Result("pca", pca_rgb(self.features, model), model))
+        return self._model_result("pca", model, {})
 
     def clusters(
         self,
@@ -387,7 +389,7 @@ class Session:
     ) -> Result:
         """k-means fitted on a sample; the cluster of every cell."""
         model = fit_kmeans(self.features, k=k, n_samples=n_samples, seed=seed)
-        return self._keep(Result("clusters", model.predict(self.features), model, {"k": k}))
+        return self._model_result("clusters", model, {"k": k})
 
     def apply(self, path: str | os.PathLike) -> Result:
         """A saved model (``--save-model``, :meth:`save_model`) applied to this store."""
@@ -395,16 +397,22 @@ class Session:
         check_settings(model.settings, self.features, f"The model {str(path)!r}")
         info = {"model": str(path)}
         if isinstance(model, Segmenter):
-            return self._keep(Result("segmentation", model.predict(self.features), model, info))
+            return self._model_result("segmentation", model, info)
         if isinstance(model, KMeansModel):
-            return self._keep(Result("clusters", model.predict(self.features), model, info))
+            return self._model_result("clusters", model, info)
         assert isinstance(model, PCAModel)
         if model.n_components < 3:
             raise InputError(
                 f"The PCA model {str(path)!r} has {model.n_components} components; the picture "
                 "needs 3: fit it with --components 3."
             )
-        return self._keep(Result("pca", pca_rgb(self.features, model), model, info))
+        return self._model_result("pca", model, info)
+
+    def _model_result(self, kind: str, model: Any, info: dict[str, Any]) -> Result:
+        def apply(features: xr.DataArray) -> xr.DataArray:
+            return pca_rgb(features, model) if kind == "pca" else model.predict(features)
+
+        return self._keep(Result(kind, apply(self.features), model, info, apply))
 
     def _keep(self, result: Result) -> Result:
         self.results[result.kind] = result
@@ -424,9 +432,15 @@ class Session:
     def view(
         self, result: Result, window: tuple[slice, slice]
     ) -> tuple[np.ndarray, dict[str, Any]]:
-        """The cells of ``window`` (from :meth:`Grid.window`), computed, and their placement."""
+        """The cells of ``window`` (from :meth:`Grid.window`), computed, and their placement.
+
+        A model runs on those cells only (every ``step``-th); the chunks they lie in are read.
+        """
         rows, cols = window
-        data = np.asarray(result.data.isel(y=rows, x=cols).values)
+        if result.apply is not None:
+            data = np.asarray(result.apply(self.features.isel(y=rows, x=cols)).values)
+        else:
+            data = np.asarray(result.data.isel(y=rows, x=cols).values)
         scale, translate = self.grid.placement(rows, cols)
         return data, {"scale": scale, "translate": translate}
 

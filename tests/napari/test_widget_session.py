@@ -210,6 +210,10 @@ def test_painted_pixels_are_predicted_right_on_a_planted_image(planted_store):
     pure = (block == block[:, :1, :, :1]).all(axis=(1, 3))
     assert (seg[pure] == inner[pure]).mean() >= 0.95
     assert result.info["train_accuracy"] == 1.0
+    # the view (the model run on every 2nd cell only) is those cells of the whole
+    window = session.grid.window((0.0, 0.0), (111.0, 111.0), (8, 8))
+    assert window == (slice(0, 16, 2), slice(0, 16, 2))
+    np.testing.assert_array_equal(session.view(result, window)[0], seg[::2, ::2])
 
 
 def test_saved_model_applied_by_the_cli_gives_the_same_labels(planted_store, tmp_path):
