@@ -23,6 +23,13 @@ What opens as what (:func:`path_kind`):
   a Labels layer;
 * ``similarity.zarr``: an image with a colour map; any other array written by
   :func:`hrdv2_dask.io.outputs.write_array`: an image.
+
+Units: by default the world units are source pixels (what the stores' ``y``/``x`` hold, and
+what napari's own readers give the source file). In physical units instead (the third reader,
+"in physical units", or ``HRDV2_NAPARI_UNITS=physical`` for the others), every layer whose
+source has a pixel size (the ``y_phys``/``x_phys`` coordinates) is scaled by it, the source
+image included, and carries napari's ``units``; layers without one stay in pixels. Every
+layer's ``metadata`` records ``pixel_size`` and ``unit`` where known.
 """
 
 from __future__ import annotations
@@ -46,9 +53,13 @@ from ..io.store import ATTR, open_features
 __all__ = [
     "LayerData",
     "grid_placement",
+    "has_pixel_size",
+    "in_physical_units",
+    "napari_get_physical_reader",
     "napari_get_reader",
     "napari_get_stack_reader",
     "path_kind",
+    "pixel_size",
     "read_path",
     "read_stack",
 ]
@@ -63,6 +74,13 @@ log = logging.getLogger(__name__)
 MULTISCALE_PX = 4096
 _PCA_OME = "pca.ome.zarr"
 _OME_METHOD = "hrdv2_dask.io.outputs.write_ome_pyramid"  # its multiscales metadata
+#: Environment variable choosing the world units of the default readers: ``pixel`` or
+#: ``physical``.
+UNITS_ENV = "HRDV2_NAPARI_UNITS"
+# The canonical length units of the image readers (io.readers._base), all known to napari.
+_LENGTH_UNITS = frozenset(
+    "meter centimeter millimeter micrometer nanometer picometer angstrom inch".split()
+)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -142,6 +160,79 @@ def grid_placement(
     return (scale[0], scale[1]), (translate[0], translate[1])
 
 
+def pixel_size(arr: xr.DataArray) -> tuple[tuple[float, float], str | None] | None:
+    """``((y, x) size of a source pixel, unit)`` from an array's ``y``/``x`` and
+    ``y_phys``/``x_phys`` coordinates; None without them (or on a 1-cell stride-1 axis).
+
+    Examples
+    --------
+    >>> from hrdv2_dask.io.store import feature_coords
+    >>> arr = xr.DataArray(np.zeros((2, 3)), dims=("y", "x"))
+    >>> arr = arr.assign_coords(feature_coords((2, 3), 4, pixel_size=(0.5, 0.25), unit="nm"))
+    >>> pixel_size(arr)
+    ((0.5, 0.25), 'nm')
+    """
+    if "y_phys" not in arr.coords or "x_phys" not in arr.coords:
+        return None
+    size = []
+    for dim in ("y", "x"):
+        pix = np.asarray(arr[dim].values, np.float64)
+        phys = np.asarray(arr[f"{dim}_phys"].values, np.float64)
+        i = int(np.argmax(np.abs(pix)))  # a centre away from 0 (the first is 0 at stride 1)
+        if pix[i] == 0:
+            return None
+        size.append(float(phys[i] / pix[i]))
+    unit = arr["y_phys"].attrs.get("units")
+    return (size[0], size[1]), (None if unit in (None, "unknown") else str(unit))
+
+
+def _meta(kind: str, path: Path, arr: xr.DataArray | None, **extra: Any) -> dict[str, Any]:
+    """A layer's ``metadata``: what it is, where from, and its source pixel size if known."""
+    meta: dict[str, Any] = {"hrdv2_kind": kind, "path": str(path), **extra}
+    size = pixel_size(arr) if arr is not None else None
+    if size is not None:
+        meta["pixel_size"], meta["unit"] = list(size[0]), size[1]
+    return meta
+
+
+def in_physical_units(layer: LayerData) -> LayerData:
+    """``layer`` placed in physical units: its ``y``/``x`` scale and translate times its
+    ``metadata["pixel_size"]``, with napari ``units``; unchanged without a pixel size.
+
+    Examples
+    --------
+    >>> meta = {"pixel_size": [0.5, 0.25], "unit": "micrometer"}
+    >>> kwargs = {"scale": (4.0, 4.0), "translate": (1.5, 1.5), "metadata": meta}
+    >>> kw = in_physical_units((np.zeros((2, 3)), kwargs, "image"))[1]
+    >>> kw["scale"], kw["translate"], kw["units"]
+    ((2.0, 1.0), (0.75, 0.375), ('micrometer', 'micrometer'))
+    """
+    data, kwargs, kind = layer
+    meta = kwargs.get("metadata") or {}
+    size = meta.get("pixel_size")
+    if not size:
+        return layer
+    first = data[0] if isinstance(data, list) else data
+    ndim = first.ndim - (1 if kwargs.get("rgb") else 0)
+    scale = list(kwargs.get("scale", (1.0,) * ndim))
+    translate = list(kwargs.get("translate", (0.0,) * ndim))
+    for axis, p in zip((-2, -1), size, strict=True):
+        scale[axis] *= float(p)
+        translate[axis] *= float(p)
+    out = {**kwargs, "scale": tuple(scale), "translate": tuple(translate)}
+    unit = meta.get("unit")
+    if unit in _LENGTH_UNITS:
+        out["units"] = ("pixel",) * (ndim - 2) + (unit, unit)
+    return data, out, kind
+
+
+def _physical_default() -> bool:
+    value = os.environ.get(UNITS_ENV, "pixel").strip().lower()
+    if value not in ("pixel", "physical"):
+        log.warning("%s=%r is neither 'pixel' nor 'physical'; using pixels", UNITS_ENV, value)
+    return value == "physical"
+
+
 def _placement(arr: xr.DataArray) -> dict[str, Any]:
     scale, translate = grid_placement(arr["y"].values, arr["x"].values, arr.attrs.get("out_stride"))
     extra = arr.ndim - 2  # leading axes (channels, components) are not placed
@@ -194,7 +285,7 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     mean = arr.data.mean(axis=0)  # the feature axis is one chunk: one task per (y, x) chunk
     kwargs = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
-        "metadata": {"hrdv2_kind": "features", "path": str(path)},
+        "metadata": _meta("features", path, arr),
         **_placement(arr.isel(feature=0)),
     }
     return mean, kwargs, "image"
@@ -217,7 +308,7 @@ def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
         return None
     kwargs: dict[str, Any] = {
         "name": f"{name}: source {Path(path).name}",
-        "metadata": {"hrdv2_kind": "source", "path": str(path)},
+        "metadata": _meta("source", Path(path), arr),
     }
     if data.shape[2] in (3, 4) and data.dtype == np.uint8:
         kwargs["rgb"] = True
@@ -238,13 +329,21 @@ def _rgb_block(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _open_array(path: Path, var: str) -> xr.DataArray:
-    return xr.open_zarr(path, consolidated=False, zarr_format=3)[var]
+    """``path``'s variable ``var`` as a dask array, its (small) coordinates in memory."""
+    arr = xr.open_zarr(path, consolidated=False, zarr_format=3)[var]
+    # xarray opens the non-index coordinates (y_phys, x_phys) as dask arrays too; read them
+    # without dask (opening computes nothing), from a second, dask-free opening
+    lazy = [n for n, c in arr.coords.items() if n not in arr.indexes and c.chunks is not None]
+    if lazy:
+        plain = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks=None)
+        arr = arr.assign_coords({n: plain[n].variable.load() for n in lazy})
+    return arr
 
 
 def _read_pca(path: Path) -> list[LayerData]:
     arr = _open_array(path, "pca")
     name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-    meta = {"hrdv2_kind": "pca", "path": str(path)}
+    meta = _meta("pca", path, arr)
     place = _placement(arr.isel(component=0))
     lo, hi = arr.attrs.get("lo"), arr.attrs.get("hi")
     if arr.sizes["component"] >= 3 and lo is not None and hi is not None:
@@ -261,7 +360,7 @@ def _read_ome(path: Path) -> list[LayerData]:
     ms = attrs["multiscales"][0]
     axes = [a["name"] for a in ms.get("axes", [])]
     levels = [da.from_zarr(str(path / d["path"])) for d in ms["datasets"]]
-    meta = {"hrdv2_kind": "ome", "path": str(path)}
+    meta = _meta("ome", path, None)
     rgb = axes[:1] == ["c"] and levels[0].shape[0] == 3
     if rgb:
         levels = [lv.transpose(1, 2, 0) for lv in levels]
@@ -271,10 +370,10 @@ def _read_ome(path: Path) -> list[LayerData]:
         kwargs["multiscale"] = True
     sibling = path.parent / "pca.zarr"
     if path.name == _PCA_OME and path_kind(sibling) == "pca":
-        scale, translate = grid_placement(
-            *(_open_array(sibling, "pca")[d].values for d in ("y", "x"))
-        )
+        placed = _open_array(sibling, "pca")
+        scale, translate = grid_placement(placed["y"].values, placed["x"].values)
         kwargs.update(scale=scale, translate=translate)
+        meta.update(_meta("ome", path, placed))
     else:
         meta["placed"] = "output cells (no pca.zarr beside it to place it on the source)"
         kwargs["name"] = f"{name} (output cells)"
@@ -290,7 +389,7 @@ def _read_array(path: Path, kind: str) -> list[LayerData]:
     name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     kwargs: dict[str, Any] = {
         "name": name,
-        "metadata": {"hrdv2_kind": kind, "path": str(path)},
+        "metadata": _meta(kind, path, arr),
         **_placement(arr),
     }
     if kind == "labels":
@@ -300,16 +399,26 @@ def _read_array(path: Path, kind: str) -> list[LayerData]:
     return [(arr.data, kwargs, "image")]
 
 
-def read_path(path: str | os.PathLike) -> list[LayerData]:
+def read_path(path: str | os.PathLike, *, physical: bool | None = None) -> list[LayerData]:
     """The napari layer-data tuples of a store or an output (see the module docstring); a layer
     above :data:`MULTISCALE_PX` cells is a lazy :func:`pyramid`.
+
+    ``physical``: place the layers in the source's physical units (:func:`in_physical_units`)
+    instead of source pixels; None: as :data:`UNITS_ENV` says (pixels if unset).
 
     Raises
     ------
     StoreError
         ``path`` is none of them, or a store that cannot be opened (its one-line message).
     """
-    return [_multiscale(layer) for layer in _read_layers(Path(path))]
+    layers = [_multiscale(layer) for layer in _read_layers(Path(path))]
+    return _units(layers, physical)
+
+
+def _units(layers: list[LayerData], physical: bool | None) -> list[LayerData]:
+    if physical is None:
+        physical = _physical_default()
+    return [in_physical_units(layer) for layer in layers] if physical else layers
 
 
 def _read_layers(p: Path) -> list[LayerData]:
@@ -334,9 +443,10 @@ def _read_layers(p: Path) -> list[LayerData]:
     )
 
 
-def read_stack(path: str | os.PathLike) -> list[LayerData]:
+def read_stack(path: str | os.PathLike, *, physical: bool | None = None) -> list[LayerData]:
     """A collection as one image layer: its members' feature means stacked on a first axis
-    (in the table's order), for members that share one grid.
+    (in the table's order), for members that share one grid; ``physical`` as in
+    :func:`read_path` (the first member's pixel size).
 
     Raises
     ------
@@ -365,11 +475,11 @@ def read_stack(path: str | os.PathLike) -> list[LayerData]:
     place = _placement(arr.isel(feature=0))
     kwargs = {
         "name": f"{p.name}: {len(members)} members, mean of {arr.sizes['feature']} features",
-        "metadata": {"hrdv2_kind": "stack", "path": str(p), "members": list(members)},
+        "metadata": _meta("stack", p, arr, members=list(members)),
         "scale": (1.0, *place["scale"]),
         "translate": (0.0, *place["translate"]),
     }
-    return [_multiscale((data, kwargs, "image"))]
+    return _units([_multiscale((data, kwargs, "image"))], physical)
 
 
 def napari_get_stack_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
@@ -389,10 +499,43 @@ def _member(node: xr.DataTree) -> xr.DataArray:
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """npe2 ``get_reader`` hook: :func:`read_path` when ``path`` is ours, else None."""
+    return _reader_of(path, physical=None)
+
+
+def napari_get_physical_reader(
+    path: str | list[str],
+) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 ``get_reader`` hook of the third reader: :func:`read_path` in physical units, for
+    paths of ours whose source has a pixel size (so that the others open without a choice)."""
+    one = path[0] if isinstance(path, list) and len(path) == 1 else path
+    if isinstance(one, list) or not has_pixel_size(one):
+        return None
+    return _reader_of(path, physical=True)
+
+
+def has_pixel_size(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ours and its source has a pixel size (reads metadata files only)."""
+    p = Path(path)
+    kind = path_kind(p)
+    if kind == "features":
+        attrs = ((_json(p / "zarr.json") or {}).get("attributes") or {}).get(ATTR) or {}
+        source = (attrs.get("provenance") or {}).get("source") or {}
+        return bool(source.get("pixel_size"))
+    if kind == "collection":
+        return any(has_pixel_size(m) for m in sorted(p.iterdir()) if m.is_dir())
+    if kind == "ome":
+        if p.name != _PCA_OME:
+            return False
+        p = p.parent / "pca.zarr"
+        kind = path_kind(p)
+    return kind is not None and (p / "y_phys" / "zarr.json").is_file()
+
+
+def _reader_of(path: str | list[str], *, physical: bool | None):
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     if path_kind(path) is None:
         return None
-    return lambda p, **_: read_path(p[0] if isinstance(p, list) else p)
+    return lambda p, **_: read_path(p[0] if isinstance(p, list) else p, physical=physical)
