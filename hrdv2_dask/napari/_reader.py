@@ -72,6 +72,13 @@ log = logging.getLogger(__name__)
 #: Layers whose largest side is above this many cells open as a lazy pyramid (napari draws a
 #: level near the screen's resolution instead of the whole array).
 MULTISCALE_PX = 4096
+#: One view of a pyramid level, in its cells: about a 1920 x 1080 screen.
+SCREEN_CELLS = 1920 * 1080
+#: A pyramid level above level 0 whose screenful would read more than this many bytes of the
+#: store (a 2x smaller level reads 4x the cells) opens as a placeholder: NaN (transparent),
+#: 0 in labels. napari draws it at once; zoomed in, it shows the finer levels. Without it, the
+#: full view of a 100k x 100k px store reads the whole store (480 GB at 384 float16 features).
+VIEW_BYTES = 2**30
 _PCA_OME = "pca.ome.zarr"
 _OME_METHOD = "hrdv2_dask.io.outputs.write_ome_pyramid"  # its multiscales metadata
 #: Environment variable choosing the world units of the default readers: ``pixel`` or
@@ -239,18 +246,39 @@ def _placement(arr: xr.DataArray) -> dict[str, Any]:
     return {"scale": (1.0,) * extra + scale, "translate": (0.0,) * extra + translate}
 
 
-def pyramid(data: da.Array, *, labels: bool = False) -> list[da.Array]:
+def placeholder_from(n_levels: int, cell_bytes: float) -> int:
+    """The first of ``n_levels`` pyramid levels whose screenful (:data:`SCREEN_CELLS`) would
+    read more than :data:`VIEW_BYTES` at ``cell_bytes`` bytes per level-0 cell (``n_levels``:
+    none); level 0 is always real.
+
+    >>> placeholder_from(4, 384 * 2), placeholder_from(4, 64 * 2), placeholder_from(4, 4)
+    (1, 2, 4)
+    """
+    for k in range(1, n_levels):
+        if SCREEN_CELLS * 4**k * cell_bytes > VIEW_BYTES:
+            return k
+    return n_levels
+
+
+def pyramid(
+    data: da.Array, *, labels: bool = False, cell_bytes: float | None = None
+) -> list[da.Array]:
     """``data`` and its 2x-smaller versions (lazy), down to :data:`MULTISCALE_PX` cells.
 
     Levels of ``(y, x)`` or ``(..., y, x)`` arrays, and of RGB ``(y, x, c)`` ``uint8``
     arrays (the ``y``/``x`` axes are found by the dtype), are 2x2 means (rounded for
     integers), except label images, which take every other cell (a mean of labels is no
-    label). A side of odd length drops its last cell.
+    label). A side of odd length drops its last cell. With ``cell_bytes`` (bytes read per
+    level-0 cell), levels from :func:`placeholder_from` on are placeholders (NaN for floats,
+    0 for labels; RGB and other integer images keep every level).
 
     Examples
     --------
     >>> [lv.shape for lv in pyramid(da.zeros((9000, 5000), chunks=1000))]
     [(9000, 5000), (4500, 2500), (2250, 1250)]
+    >>> levels = pyramid(da.zeros((9000, 5000), chunks=1000), cell_bytes=768)
+    >>> [int(np.isnan(lv[0, 0].compute())) for lv in levels]
+    [0, 1, 1]
     """
     rgb = data.ndim == 3 and data.dtype == np.uint8 and data.shape[2] in (3, 4)
     axes = (0, 1) if rgb else (data.ndim - 2, data.ndim - 1)
@@ -267,7 +295,45 @@ def pyramid(data: da.Array, *, labels: bool = False) -> list[da.Array]:
             np.mean, prev.astype(np.float32), dict.fromkeys(axes, 2), trim_excess=True
         )
         levels.append(mean.round().astype(prev.dtype) if prev.dtype.kind in "iu" else mean)
-    return levels
+    fill = 0 if labels else (np.nan if levels[-1].dtype.kind == "f" and not rgb else None)
+    if cell_bytes is None or fill is None:
+        return levels
+    first = placeholder_from(len(levels), cell_bytes)
+    return levels[:first] + [
+        da.full(lv.shape, fill, dtype=lv.dtype, chunks=lv.chunks) for lv in levels[first:]
+    ]
+
+
+def _cell_bytes(data: da.Array, kwargs: dict[str, Any]) -> float | None:
+    """Bytes of the store read per displayed level-0 cell: the layer's own record (a feature
+    mean reads every feature), else its dtype times its non-placed chunk axes."""
+    known = (kwargs.get("metadata") or {}).get("bytes_per_cell")
+    if known is not None:
+        return float(known)
+    if kwargs.get("rgb"):
+        return None
+    return float(data.dtype.itemsize * np.prod([c[0] for c in data.chunks[:-2]], dtype=int))
+
+
+def central_limits(data: da.Array) -> tuple[float, float]:
+    """Contrast limits from the chunk at the centre of ``data`` (its 0.5-99.5 percentiles;
+    ``(0, 1)`` if it holds no finite value): one chunk read, not the whole array.
+
+    >>> data = da.from_array(np.arange(100.0).reshape(10, 10), chunks=5)
+    >>> [round(v) for v in central_limits(data)]  # the chunk [5:10, 5:10]: 55 ... 99
+    [55, 99]
+    """
+    index = []
+    for size, chunks in zip(data.shape, data.chunks, strict=True):
+        edges = np.cumsum((0, *chunks))
+        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
+        index.append(slice(int(edges[j]), int(edges[j + 1])))
+    block = np.asarray(data[tuple(index)].compute(scheduler="sync"), np.float64)
+    finite = block[np.isfinite(block)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
 
 
 def _multiscale(layer: LayerData) -> LayerData:
@@ -275,17 +341,25 @@ def _multiscale(layer: LayerData) -> LayerData:
     data, kwargs, kind = layer
     if isinstance(data, list):
         return layer
-    levels = pyramid(data, labels=kind == "labels")
+    cell_bytes = _cell_bytes(data, kwargs)
+    levels = pyramid(data, labels=kind == "labels", cell_bytes=cell_bytes)
     if len(levels) == 1:
         return layer
-    return levels, {**kwargs, "multiscale": True}, kind
+    out = {**kwargs, "multiscale": True}
+    first = placeholder_from(len(levels), cell_bytes) if cell_bytes else len(levels)
+    if first < len(levels) and kind != "labels" and not kwargs.get("rgb"):
+        out["metadata"] = {**out.get("metadata", {}), "placeholder_levels": first}
+        if "contrast_limits" not in out:  # napari's own would come from a placeholder: NaN
+            out["contrast_limits"] = central_limits(levels[0])
+    return levels, out, kind
 
 
 def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     mean = arr.data.mean(axis=0)  # the feature axis is one chunk: one task per (y, x) chunk
+    cell_bytes = arr.sizes["feature"] * arr.dtype.itemsize  # a cell's mean reads them all
     kwargs = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
-        "metadata": _meta("features", path, arr),
+        "metadata": _meta("features", path, arr, bytes_per_cell=cell_bytes),
         **_placement(arr.isel(feature=0)),
     }
     return mean, kwargs, "image"
@@ -297,8 +371,9 @@ def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
     path = src.get("path")
     if not path or not Path(path).exists():
         return None
+    level = int(src.get("level") or 0)
     try:
-        data, _ = open_image(path, level=int(src.get("level") or 0))
+        data, _ = open_image(path, level=level)
     except Hrdv2Error as err:
         log.warning("source of %s not shown: %s", name, err)
         return None
@@ -310,11 +385,33 @@ def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
         "name": f"{name}: source {Path(path).name}",
         "metadata": _meta("source", Path(path), arr),
     }
-    if data.shape[2] in (3, 4) and data.dtype == np.uint8:
-        kwargs["rgb"] = True
-    else:
-        data = data[..., 0]
-    return data, kwargs, "image"
+    rgb = data.shape[2] in (3, 4) and data.dtype == np.uint8
+    kwargs["rgb"] = rgb
+    levels = [data, *_coarser_levels(path, level, data.shape)]
+    levels = [lv if rgb else lv[..., 0] for lv in levels]
+    if len(levels) > 1:
+        kwargs["multiscale"] = True
+        return levels, kwargs, "image"
+    return levels[0], kwargs, "image"
+
+
+def _coarser_levels(path: str, level: int, shape: tuple[int, ...]) -> list[da.Array]:
+    """The source file's own coarser pyramid levels (TIFF/SVS, OME-Zarr), when its level 0 is
+    above :data:`MULTISCALE_PX`: napari draws its overview from them, reading little."""
+    if max(shape[:2]) <= MULTISCALE_PX:
+        return []
+    levels: list[da.Array] = []
+    while True:
+        try:
+            data, _ = open_image(path, level=level + len(levels) + 1)
+        except Hrdv2Error:
+            return levels
+        previous = levels[-1].shape if levels else shape
+        if data.shape[2] != shape[2] or not all(
+            a < b for a, b in zip(data.shape[:2], previous[:2], strict=True)
+        ):
+            return levels  # not a pyramid napari can use (each level smaller)
+        levels.append(data)
 
 
 def _store_layers(arr: xr.DataArray, name: str, path: Path) -> list[LayerData]:
