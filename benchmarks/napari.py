@@ -197,8 +197,8 @@ def run_session(
     app = QApplication.instance()
     session = Session(viewer=viewer, store=Path(store))
     qt_viewer = viewer.window._qt_viewer
-    qt_viewer.canvas._scene_canvas.events.draw.connect(
-        lambda _e: session.draws.append(time.perf_counter())
+    qt_viewer.canvas._scene_canvas.events.draw.connect(  # after napari's slicing and drawing
+        lambda _e: session.draws.append(time.perf_counter()), position="last"
     )
     window = viewer.window._qt_window
     window.resize(canvas[1] + 80, canvas[0] + 160)
@@ -252,23 +252,40 @@ def _levels(viewer: Any) -> list[int | None]:
     return [int(layer.data_level) if layer.multiscale else None for layer in viewer.layers]
 
 
-def _session_child(out: str, store: str, mode: str, pans: int, **kwargs: Any) -> None:
+def _session_child(
+    out: str, store: str, mode: str, pans: int, view_bytes: float | None, **kwargs: Any
+) -> None:
     # napari saves changed settings: to a file of this run, not the user's
     os.environ["NAPARI_CONFIG"] = str(Path(out).with_suffix(".napari.yaml"))
     if mode == "async":
         os.environ["NAPARI_ASYNC"] = "1"
     logging.basicConfig(level=logging.INFO)
+    if view_bytes is not None:
+        from hrdv2_dask.napari import _reader
+
+        _reader.VIEW_BYTES = view_bytes
     result = run_session(store, actions=default_actions(pans), mode=mode, **kwargs)
     Path(out).write_text(json.dumps(result))
 
 
-def _isolated_session(work: Path, store: Path, mode: str, pans: int, limit_s: float, **kw):
+def _isolated_session(
+    work: Path,
+    store: Path,
+    mode: str,
+    pans: int,
+    limit_s: float,
+    view_bytes: float | None = None,
+    **kw: Any,
+) -> dict[str, Any]:
     """:func:`run_session` in a fresh process (a frozen GUI thread cannot time itself out)."""
     out = work / f"session_{mode}.json"
     out.unlink(missing_ok=True)
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
-        target=_session_child, args=(str(out), str(store), mode, pans), kwargs=kw, daemon=True
+        target=_session_child,
+        args=(str(out), str(store), mode, pans, view_bytes),
+        kwargs=kw,
+        daemon=True,
     )
     proc.start()
     proc.join(limit_s)
@@ -308,6 +325,7 @@ def run_napari(
     modes: Sequence[str],
     heartbeat_ms: int,
     limit_s: float,
+    view_bytes: float | None = None,
 ) -> dict[str, Any]:
     """The suite's result: the synthetic store's recipe, one session per slicing mode."""
     from hrdv2_dask.tiling import plan_tiles
@@ -333,8 +351,12 @@ def run_napari(
             store, source_px=source_px, out_stride=out_stride, dim=dim, chunk=chunk
         )
         recipe["write_s"] = round(time.perf_counter() - t0, 1)
+        recipe["chunk_mean_ms"] = _chunk_mean_ms(store)
+        recipe["whole_store_mean_s"] = round(recipe["chunk_mean_ms"] * recipe["chunks"] / 1e3)
         sessions = [
-            _isolated_session(work, store, mode, pans, limit_s, heartbeat_ms=heartbeat_ms)
+            _isolated_session(
+                work, store, mode, pans, limit_s, view_bytes, heartbeat_ms=heartbeat_ms
+            )
             for mode in modes
         ]
     finally:
@@ -347,9 +369,28 @@ def run_napari(
     return {
         "environment": env,
         "store": recipe,
-        "settings": {"heartbeat_ms": heartbeat_ms, "pans": pans, "limit_s": limit_s},
+        "settings": {
+            "heartbeat_ms": heartbeat_ms,
+            "pans": pans,
+            "limit_s": limit_s,
+            "view_bytes": view_bytes,
+        },
         "sessions": sessions,
     }
+
+
+def _chunk_mean_ms(store: Path, n: int = 12) -> float:
+    """Milliseconds to read one chunk and average its features (``n`` chunks, one thread):
+    what the reader's feature mean costs per chunk."""
+    from hrdv2_dask.io.store import open_features
+
+    arr = open_features(store)
+    c = arr.data.chunks[1][0]
+    t0 = time.perf_counter()
+    for k in range(n):
+        block = arr.data[:, k * c : (k + 1) * c, :c].mean(axis=0)
+        block.compute(scheduler="sync")
+    return round((time.perf_counter() - t0) / n * 1e3, 1)
 
 
 COLUMNS = [
@@ -390,7 +431,14 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"({gb:,.0f} GB as a real store), chunks of {st['chunk']} cells; "
             f"{st['variants']} distinct chunks, the others hard links (page-cache reads). "
             f"Canvas {canvas[1] if canvas else '?'}×{canvas[0] if canvas else '?'} px, "
-            f"heartbeat every {s['heartbeat_ms']} ms on the GUI thread:",
+            f"heartbeat every {s['heartbeat_ms']} ms on the GUI thread. Reading and averaging "
+            f"one chunk takes {st['chunk_mean_ms']:.0f} ms (one thread): the whole store, "
+            f"{st['whole_store_mean_s']:,} s."
+            + (
+                f" Reader's VIEW_BYTES: {s['view_bytes']:g}."
+                if s.get("view_bytes") is not None
+                else ""
+            ),
             "",
             markdown_table(rows, COLUMNS),
             *(["", *notes] if notes else []),
@@ -412,6 +460,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit-s", type=float, default=900.0, help="per session (default: %(default)s)"
     )
     parser.add_argument("--work", help="folder of the synthetic store (default: a temporary one)")
+    parser.add_argument(
+        "--view-bytes",
+        type=float,
+        help="the reader's VIEW_BYTES (inf: no placeholder levels, as before; default: its own)",
+    )
     parser.add_argument("--quick", action="store_true", help="8000² px, 16 features, two pans")
 
 
@@ -428,4 +481,5 @@ def run(args: argparse.Namespace, spec: BackboneSpec) -> dict[str, Any]:
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         heartbeat_ms=args.heartbeat_ms,
         limit_s=120.0 if quick else args.limit_s,
+        view_bytes=args.view_bytes,
     )

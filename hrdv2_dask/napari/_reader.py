@@ -49,6 +49,7 @@ from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
+from ._feature_levels import FeatureMean
 
 __all__ = [
     "LayerData",
@@ -355,14 +356,39 @@ def _multiscale(layer: LayerData) -> LayerData:
 
 
 def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
-    mean = arr.data.mean(axis=0)  # the feature axis is one chunk: one task per (y, x) chunk
+    """The mean over the features: a dask array; above :data:`MULTISCALE_PX` cells, a pyramid
+    of :class:`FeatureMean` levels (each indexing reads only its region), whose levels from
+    :func:`placeholder_from` on are NaN placeholders."""
     cell_bytes = arr.sizes["feature"] * arr.dtype.itemsize  # a cell's mean reads them all
-    kwargs = {
+    kwargs: dict[str, Any] = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
         "metadata": _meta("features", path, arr, bytes_per_cell=cell_bytes),
         **_placement(arr.isel(feature=0)),
     }
-    return mean, kwargs, "image"
+    rows, cols = arr.shape[1:]
+    n_levels = 1
+    while max(rows, cols) // 2 ** (n_levels - 1) > MULTISCALE_PX:
+        n_levels += 1
+    if n_levels == 1:
+        return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
+    first = placeholder_from(n_levels, cell_bytes)
+    levels = [FeatureMean(arr.data, 2**k, placeholder=k >= first) for k in range(n_levels)]
+    kwargs["multiscale"] = True
+    if first < n_levels:
+        kwargs["metadata"]["placeholder_levels"] = first
+        # napari's own limits would come from the coarsest level: a placeholder
+        kwargs["contrast_limits"] = central_limits(_centre_chunk(arr.data).mean(axis=0))
+    return levels, kwargs, "image"
+
+
+def _centre_chunk(features: da.Array) -> da.Array:
+    """The ``(feature, y, x)`` chunk holding the centre cell."""
+    index = [slice(None)]
+    for size, chunks in zip(features.shape[1:], features.chunks[1:], strict=True):
+        edges = np.cumsum((0, *chunks))
+        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
+        index.append(slice(int(edges[j]), int(edges[j + 1])))
+    return features[tuple(index)]
 
 
 def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:

@@ -418,3 +418,57 @@ def test_viewer_places_layers_in_physical_units(physical_store, request):
     # 9.5 µm, 3.3 µm is source pixel (19, 13), in output cell (4, 3)
     np.testing.assert_array_equal(np.round(feats.world_to_data((9.5, 3.3))), [4, 3])
     np.testing.assert_array_equal(np.round(source.world_to_data((9.5, 3.3))), [19, 13])
+
+
+# ------------------------------------------------------------------ gigapixel stores
+
+
+def test_coarse_levels_that_would_read_too_much_are_transparent_placeholders(tmp_path, monkeypatch):
+    """A level whose screenful reads more than VIEW_BYTES is NaN (drawn at once, transparent);
+    contrast limits come from one chunk, not from napari's look at a placeholder."""
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 5)
+    cell_bytes = 3 * 4  # 3 float32 features a cell
+    monkeypatch.setattr(_reader, "VIEW_BYTES", _reader.SCREEN_CELLS * 4 * cell_bytes)
+    values = _values(np.random.default_rng(13), (3, 21, 12))
+    [(levels, kwargs, _)] = _read(write_store(tmp_path / "f.zarr", values, chunk=8))
+    assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3)]
+    assert type(levels[0]).__name__ == "FeatureMean"  # reads only the region napari asks for
+    np.testing.assert_allclose(levels[0][3:9, 2], values.mean(axis=0)[3:9, 2], rtol=1e-5)
+    assert kwargs["metadata"]["bytes_per_cell"] == cell_bytes
+    assert kwargs["metadata"]["placeholder_levels"] == 2
+    mean = values.mean(axis=0)
+    np.testing.assert_allclose(
+        np.asarray(levels[1]), mean[:20].reshape(10, 2, 6, 2).mean(axis=(1, 3)), rtol=1e-5
+    )
+    assert np.isnan(np.asarray(levels[2])).all()
+    centre = mean[8:16, 0:8]  # the chunk holding the centre cell (10, 6)
+    np.testing.assert_allclose(
+        kwargs["contrast_limits"], np.percentile(centre, [0.5, 99.5]), rtol=1e-5
+    )
+    assert _reader.placeholder_from(3, cell_bytes) == 2
+    labels = dask.array.from_array(np.ones((21, 12), np.int32), chunks=8)
+    lab = _reader.pyramid(labels, labels=True, cell_bytes=64)  # labels: 0, no NaN
+    assert [int(np.asarray(lv).max()) for lv in lab] == [1, 0, 0, 0]
+
+
+def test_source_opens_with_its_files_own_pyramid(tmp_path, monkeypatch):
+    import zarr
+
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 16)
+    rng = np.random.default_rng(14)
+    image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    ome = outputs.write_ome_pyramid(
+        xr.DataArray(image, dims=("y", "x", "c")), tmp_path / "src.ome.zarr", levels=3, chunk_px=16
+    )
+    store = write_store(tmp_path / "f.zarr", _values(rng, (4, 10, 12)), out_stride=4, image=image)
+    root = zarr.open_group(store, mode="r+")
+    meta = dict(root.attrs["hrdv2"])
+    source = {**meta["provenance"]["source"], "path": str(ome), "format": "ome-zarr"}
+    root.attrs["hrdv2"] = {**meta, "provenance": {**meta["provenance"], "source": source}}
+    [(levels, skw, _), _] = _read(store)
+    assert skw["multiscale"] is True and skw["rgb"] is True and "scale" not in skw
+    assert [lv.shape for lv in levels] == [(40, 48, 3), (20, 24, 3), (10, 12, 3)]
+    np.testing.assert_array_equal(np.asarray(levels[0]), image)
+    np.testing.assert_array_equal(
+        np.asarray(levels[1]), np.asarray(zarr.open_array(ome / "1")).transpose(1, 2, 0)
+    )
