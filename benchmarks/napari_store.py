@@ -174,7 +174,7 @@ def write_gigapixel_store(
     if (path / "zarr.json").exists():
         attrs = zarr.open_group(path, mode="r").attrs.asdict().get(ATTR) or {}
         if attrs.get("complete") and attrs.get("settings", {}).get("synthetic") == recipe:
-            return {**recipe, "cells": cells, "reused": True}
+            return {**recipe, "cells": cells, "chunks": (-(-cells // chunk)) ** 2, "reused": True}
     settings = {
         "model": "synthetic",
         "out_stride": out_stride,

@@ -80,6 +80,9 @@ SCREEN_CELLS = 1920 * 1080
 #: 0 in labels. napari draws it at once; zoomed in, it shows the finer levels. Without it, the
 #: full view of a 100k x 100k px store reads the whole store (480 GB at 384 float16 features).
 VIEW_BYTES = 2**30
+#: Placeholder levels continue down to this many cells a side (napari's full view then
+#: shows, and thumbnails, a screen-sized level).
+PLACEHOLDER_PX = 1024
 _PCA_OME = "pca.ome.zarr"
 _OME_METHOD = "hrdv2_dask.io.outputs.write_ome_pyramid"  # its multiscales metadata
 #: Environment variable choosing the world units of the default readers: ``pixel`` or
@@ -241,9 +244,11 @@ def _physical_default() -> bool:
     return value == "physical"
 
 
-def _placement(arr: xr.DataArray) -> dict[str, Any]:
+def _placement(arr: xr.DataArray, *, drop: str | None = None) -> dict[str, Any]:
+    """napari ``scale``/``translate`` of ``arr`` (without its dim ``drop``: no slicing of a
+    gigapixel array's data to drop it)."""
     scale, translate = grid_placement(arr["y"].values, arr["x"].values, arr.attrs.get("out_stride"))
-    extra = arr.ndim - 2  # leading axes (channels, components) are not placed
+    extra = arr.ndim - 2 - (drop is not None)  # leading axes (channels...) are not placed
     return {"scale": (1.0,) * extra + scale, "translate": (0.0,) * extra + translate}
 
 
@@ -363,15 +368,18 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     kwargs: dict[str, Any] = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
         "metadata": _meta("features", path, arr, bytes_per_cell=cell_bytes),
-        **_placement(arr.isel(feature=0)),
+        **_placement(arr, drop="feature"),
     }
-    rows, cols = arr.shape[1:]
+    side = max(arr.shape[1:])
     n_levels = 1
-    while max(rows, cols) // 2 ** (n_levels - 1) > MULTISCALE_PX:
+    while side // 2 ** (n_levels - 1) > MULTISCALE_PX:
         n_levels += 1
     if n_levels == 1:
         return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
     first = placeholder_from(n_levels, cell_bytes)
+    if first < n_levels:  # placeholders cost nothing: down to about a screen, so that napari's
+        while side // 2 ** (n_levels - 1) > PLACEHOLDER_PX:  # overview and thumbnail are small
+            n_levels += 1
     levels = [FeatureMean(arr.data, 2**k, placeholder=k >= first) for k in range(n_levels)]
     kwargs["multiscale"] = True
     if first < n_levels:
@@ -467,7 +475,7 @@ def _read_pca(path: Path) -> list[LayerData]:
     arr = _open_array(path, "pca")
     name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     meta = _meta("pca", path, arr)
-    place = _placement(arr.isel(component=0))
+    place = _placement(arr, drop="component")
     lo, hi = arr.attrs.get("lo"), arr.attrs.get("hi")
     if arr.sizes["component"] >= 3 and lo is not None and hi is not None:
         lo3, hi3 = np.asarray(lo[:3], np.float64), np.asarray(hi[:3], np.float64)
@@ -595,7 +603,7 @@ def read_stack(path: str | os.PathLike, *, physical: bool | None = None) -> list
         )
     arr = members[first_key]
     data = da.stack([_features_layer(a, k, p / k)[0] for k, a in members.items()])
-    place = _placement(arr.isel(feature=0))
+    place = _placement(arr, drop="feature")
     kwargs = {
         "name": f"{p.name}: {len(members)} members, mean of {arr.sizes['feature']} features",
         "metadata": _meta("stack", p, arr, members=list(members)),
