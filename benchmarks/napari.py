@@ -71,7 +71,8 @@ class Session:
     @property
     def canvas(self) -> tuple[int, int]:
         """``(height, width)`` of the canvas in screen pixels."""
-        return tuple(int(v) for v in self.viewer.window._qt_viewer.canvas.size)
+        native = self.viewer.window._qt_viewer.canvas.native
+        return int(native.height()), int(native.width())
 
     def cell_zoom(self) -> float:
         """Camera zoom at which one output cell of the top layer is one screen pixel."""

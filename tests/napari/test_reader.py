@@ -446,6 +446,10 @@ def test_coarse_levels_that_would_read_too_much_are_transparent_placeholders(tmp
         kwargs["contrast_limits"], np.percentile(centre, [0.5, 99.5]), rtol=1e-5
     )
     assert _reader.placeholder_from(3, cell_bytes) == 2
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 2)  # free levels go on down to a screen
+    [(levels, _, _)] = _read(tmp_path / "f.zarr")
+    assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3), (2, 1)]
+    assert np.isnan(np.asarray(levels[3])).all()
     labels = dask.array.from_array(np.ones((21, 12), np.int32), chunks=8)
     lab = _reader.pyramid(labels, labels=True, cell_bytes=64)  # labels: 0, no NaN
     assert [int(np.asarray(lv).max()) for lv in lab] == [1, 0, 0, 0]
