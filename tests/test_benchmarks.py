@@ -395,11 +395,11 @@ def test_gigapixel_store_opens_like_a_real_one(tmp_path):
     from benchmarks.napari_store import chunk_variant, variant_values, write_gigapixel_store
 
     recipe = write_gigapixel_store(
-        tmp_path / "g.zarr", source_px=1000, out_stride=4, dim=4, chunk=32, pixel_size=0.5
+        tmp_path / "g.zarr", source_px=2400, out_stride=4, dim=4, chunk=32, pixel_size=0.5
     )
-    assert recipe["cells"] == 250 and recipe["chunks"] == 64
+    assert recipe["cells"] == 600 and recipe["chunks"] == 19**2
     feats = hd.open_features(tmp_path / "g.zarr")
-    assert feats.shape == (4, 250, 250) and feats.data.chunks[1][0] == 32
+    assert feats.shape == (4, 600, 600) and feats.data.chunks[1][0] == 32
     assert float(feats.y_phys[1]) == pytest.approx(5.5 * 0.5)
     for j, i in ((0, 0), (3, 5), (7, 7)):  # a chunk's values are its variant's
         v = chunk_variant(j, i, 8)
@@ -408,11 +408,11 @@ def test_gigapixel_store_opens_like_a_real_one(tmp_path):
         np.testing.assert_array_equal(got, want)
     files = list((tmp_path / "g.zarr" / "features").rglob("*"))
     inodes = {f.stat().st_ino for f in files if f.is_file() and f.name != "zarr.json"}
-    assert len(inodes) == 8  # 64 chunks, 8 distinct files
+    assert len(inodes) == 8  # 361 chunks, 8 distinct files
     source = feats.attrs["source"]
     image, meta = hd.open_image(source["path"], level=1)  # its source: an OME-Zarr pyramid
-    assert image.shape == (500, 500, 3) and image.dtype == np.uint8
-    assert source["pixel_size"] == [0.5, 0.5] and source["shape"] == [1000, 1000, 3]
+    assert image.shape == (1200, 1200, 3) and image.dtype == np.uint8
+    assert source["pixel_size"] == [0.5, 0.5] and source["shape"] == [2400, 2400, 3]
 
 
 @pytest.mark.slow  # two napari viewers under Xvfb: ~40 s on 2 cores
