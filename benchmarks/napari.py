@@ -115,10 +115,14 @@ def _zoom_in(session: Session) -> None:
     cam.zoom = session.cell_zoom()
 
 
-def _pan(session: Session) -> None:
+def _pan(session: Session, screens: float = 1.0) -> None:
     cam = session.viewer.camera
     y, x = cam.center[-2:]
-    cam.center = (y, x + session.canvas[1] / cam.zoom)  # one screen to the right
+    cam.center = (y, x + screens * session.canvas[1] / cam.zoom)  # screens to the right
+
+
+def _pan_back(session: Session) -> None:
+    _pan(session, -1.0)
 
 
 def _redraw(session: Session) -> None:
@@ -134,13 +138,15 @@ def _zoom_out(factor: float) -> Callable[[Session], None]:
 
 def default_actions(pans: int = 4) -> list[Action]:
     """A redraw of the empty canvas (the renderer's own cost, the baseline), open, full view,
-    zoom in (1 cell per screen px), ``pans`` screens right, zoom out 4x."""
+    zoom in (1 cell per screen px), ``pans`` screens right, one back (seen before), zoom out
+    4x."""
     return [
         ("redraw, empty viewer (baseline)", _redraw),
         ("open", _open),
         ("full view", _full_view),
         ("zoom in (1 cell per screen px)", _zoom_in),
         *[(f"pan one screen ({k + 1})", _pan) for k in range(pans)],
+        ("pan back one screen (seen before)", _pan_back),
         ("zoom out 4x", _zoom_out(4.0)),
     ]
 

@@ -427,7 +427,7 @@ def test_napari_smoke(tmp_path):
     for session in result["sessions"]:
         names = [r["action"] for r in session["rows"]]
         assert names[:3] == ["redraw, empty viewer (baseline)", "open", "full view"]
-        assert len(names) == 7 and session["canvas"][0] > 0
+        assert len(names) == 8 and session["canvas"][0] > 0
         for row in session["rows"]:
             assert not row["timed_out"] and row["max_ms"] > 0 and row["beats"] > 0, row
             assert row["p99_ms"] <= row["max_ms"]

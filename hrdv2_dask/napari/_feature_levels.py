@@ -3,23 +3,82 @@
 A dask pyramid of a gigapixel store is a graph of every chunk at every level (50,000 chunks at
 25,000² cells): napari's slicing then spends seconds on the graph before reading anything.
 :class:`FeatureMean` is a plain array-like (``shape``, ``dtype``, ``__getitem__``) whose
-indexing builds a graph of the requested region's chunks only: the mean over the features of
-each chunk (float32), then the ``factor``-fold block mean. A placeholder level answers NaN
-(transparent in napari) without reading.
+indexing computes the mean over the features (float32) of the requested region's chunks only,
+then the ``factor``-fold block mean. The chunk means are kept (:class:`ChunkMeans`, shared by
+the levels of one store, least recently used out first): a region seen again, or its 2x
+coarser level, reads nothing. A placeholder level answers NaN (transparent in napari) without
+reading.
 """
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 
-__all__ = ["FeatureMean"]
+__all__ = ["ChunkMeans", "FeatureMean"]
+
+#: Bytes of chunk means a store keeps (float32: 512 MiB is 11,000 chunks of 112² cells).
+CACHE_BYTES = 512 * 2**20
 
 
-def _chunk_mean(block: np.ndarray) -> np.ndarray:
-    return block.astype(np.float32).mean(axis=0)
+class ChunkMeans:
+    """The feature means of a store's ``(y, x)`` chunks, computed on demand and kept.
+
+    Thread-safe (napari slices in a worker thread with async slicing). ``region(y0, y1, x0,
+    x1)`` returns the mean image of those level-0 cells, computing (in one ``dask.compute``)
+    only the chunks not kept yet.
+    """
+
+    def __init__(self, features: da.Array, capacity_bytes: int = CACHE_BYTES):
+        self.features = features
+        self.edges = [np.cumsum((0, *c)) for c in features.chunks[1:]]
+        self.capacity = int(capacity_bytes)
+        self._kept: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.computed = 0  # chunks computed so far (for tests and benchmarks)
+
+    def _chunks(self, axis: int, start: int, stop: int) -> range:
+        e = self.edges[axis]
+        return range(int(np.searchsorted(e, start, "right")) - 1, int(np.searchsorted(e, stop)))
+
+    def region(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        ey, ex = self.edges
+        rows, cols = self._chunks(0, y0, y1), self._chunks(1, x0, x1)
+        wanted = [(j, i) for j in rows for i in cols]
+        with self._lock:
+            have = {k: self._kept[k] for k in wanted if k in self._kept}
+            for k in have:
+                self._kept.move_to_end(k)
+        missing = [k for k in wanted if k not in have]
+        if missing:
+            lazy = [
+                self.features.blocks[0, j, i].astype(np.float32).mean(axis=0) for j, i in missing
+            ]
+            computed = dask.compute(*lazy)
+            have.update(zip(missing, computed, strict=True))
+            with self._lock:
+                self.computed += len(missing)
+                for k, v in zip(missing, computed, strict=True):
+                    if k not in self._kept:
+                        self._kept[k] = v
+                        self._bytes += v.nbytes
+                while self._bytes > self.capacity and self._kept:
+                    _, old = self._kept.popitem(last=False)
+                    self._bytes -= old.nbytes
+        out = np.empty((y1 - y0, x1 - x0), np.float32)
+        for (j, i), mean in have.items():
+            ry0, rx0 = max(int(ey[j]), y0), max(int(ex[i]), x0)
+            ry1, rx1 = min(int(ey[j + 1]), y1), min(int(ex[i + 1]), x1)
+            out[ry0 - y0 : ry1 - y0, rx0 - x0 : rx1 - x0] = mean[
+                ry0 - int(ey[j]) : ry1 - int(ey[j]), rx0 - int(ex[i]) : rx1 - int(ex[i])
+            ]
+        return out
 
 
 def _range(key: Any, n: int) -> tuple[int, int, int, bool]:
@@ -49,6 +108,8 @@ class FeatureMean:
         ``factor × factor`` block (sides cut to a multiple of ``factor``).
     placeholder : bool
         Answer NaN without reading (a level whose view would read too much).
+    means : ChunkMeans, optional
+        The store's kept chunk means, shared by its levels (default: a new one).
 
     Examples
     --------
@@ -60,9 +121,17 @@ class FeatureMean:
     np.True_
     """
 
-    def __init__(self, features: da.Array, factor: int = 1, *, placeholder: bool = False):
+    def __init__(
+        self,
+        features: da.Array,
+        factor: int = 1,
+        *,
+        placeholder: bool = False,
+        means: ChunkMeans | None = None,
+    ):
         _, rows, cols = features.shape
         self.features = features
+        self.means = means if means is not None else ChunkMeans(features)
         self.factor = int(factor)
         self.placeholder = placeholder
         self.shape = (rows // self.factor, cols // self.factor)
@@ -93,8 +162,7 @@ class FeatureMean:
             out = np.full(shape, np.nan, np.float32)
         else:
             f = self.factor
-            region = self.features[:, y0 * f : y1 * f, x0 * f : x1 * f]
-            mean = region.map_blocks(_chunk_mean, drop_axis=0, dtype=np.float32).compute()
+            mean = self.means.region(y0 * f, y1 * f, x0 * f, x1 * f)
             if f > 1:
                 mean = mean.reshape(y1 - y0, f, x1 - x0, f).mean(axis=(1, 3))
             out = mean[::sy, ::sx]

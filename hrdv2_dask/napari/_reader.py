@@ -49,7 +49,7 @@ from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
-from ._feature_levels import FeatureMean
+from ._feature_levels import ChunkMeans, FeatureMean
 
 __all__ = [
     "LayerData",
@@ -380,7 +380,10 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     if first < n_levels:  # placeholders cost nothing: down to about a screen, so that napari's
         while side // 2 ** (n_levels - 1) > PLACEHOLDER_PX:  # overview and thumbnail are small
             n_levels += 1
-    levels = [FeatureMean(arr.data, 2**k, placeholder=k >= first) for k in range(n_levels)]
+    means = ChunkMeans(arr.data)  # shared: a level reuses its finer levels' chunk means
+    levels = [
+        FeatureMean(arr.data, 2**k, placeholder=k >= first, means=means) for k in range(n_levels)
+    ]
     kwargs["multiscale"] = True
     if first < n_levels:
         kwargs["metadata"]["placeholder_levels"] = first

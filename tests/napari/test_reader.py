@@ -476,3 +476,23 @@ def test_source_opens_with_its_files_own_pyramid(tmp_path, monkeypatch):
     np.testing.assert_array_equal(
         np.asarray(levels[1]), np.asarray(zarr.open_array(ome / "1")).transpose(1, 2, 0)
     )
+
+
+def test_feature_mean_keeps_chunk_means_for_regions_seen_again():
+    from hrdv2_dask.napari._feature_levels import ChunkMeans, FeatureMean
+
+    values = _values(np.random.default_rng(15), (3, 40, 40))
+    features = dask.array.from_array(values, chunks=(3, 10, 10))
+    means = ChunkMeans(features, capacity_bytes=6 * 10 * 10 * 4)  # room for 6 chunk means
+    level0, level1 = FeatureMean(features, means=means), FeatureMean(features, 2, means=means)
+    np.testing.assert_allclose(level0[5:15, 12:28], values.mean(axis=0)[5:15, 12:28], rtol=1e-6)
+    assert means.computed == 4  # rows 5:15 and cols 12:28 touch 2 x 2 chunks
+    mean = values.mean(axis=0)
+    with dask.config.set(scheduler=_no_compute):  # seen before, at either level: no reading
+        np.testing.assert_allclose(level0[5:15, 12:28], mean[5:15, 12:28], rtol=1e-6)
+        coarse = mean[6:14, 12:28].reshape(4, 2, 8, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(level1[3:7, 6:14], coarse, rtol=1e-5)
+    level0[30:40, :]  # 4 more chunks: the 2 least recently used of the first 4 go
+    assert means.computed == 8 and len(means._kept) == 6
+    level0[5:15, 12:28]
+    assert means.computed == 10
