@@ -223,8 +223,12 @@ def run_session(
             fn(session)
             called = time.perf_counter()
 
-            def settled(n_draws=n_draws, t0=t0) -> bool:
+            unloaded: list[float] = []
+
+            def settled(n_draws=n_draws, t0=t0, unloaded=unloaded) -> bool:
                 layers_ready = all(layer.loaded for layer in viewer.layers)
+                if not layers_ready and not unloaded:
+                    unloaded.append(time.perf_counter() - t0)
                 drew = len(session.draws) > n_draws
                 quiet = time.perf_counter() - (session.draws[-1] if drew else t0) > quiet_s
                 return layers_ready and drew and quiet
@@ -237,6 +241,7 @@ def run_session(
                 "call_ms": round((called - t0) * 1e3, 1),
                 "drawn_s": round(t1 - t0, 3) if done else None,
                 "timed_out": not done,
+                "unloaded_after_s": round(unloaded[0], 3) if unloaded else None,
                 **gap_stats(session.beats, t0, t1),
                 "level": _levels(viewer),
             }
