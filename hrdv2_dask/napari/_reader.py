@@ -371,15 +371,16 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
         **_placement(arr, drop="feature"),
     }
     side = max(arr.shape[1:])
-    n_levels = 1
-    while side // 2 ** (n_levels - 1) > MULTISCALE_PX:
-        n_levels += 1
+    n_levels = _levels_above(side, MULTISCALE_PX)
+    # placeholders cost nothing: with any, levels go on down to about a screen, so that
+    # napari's overview and thumbnail are small; a store below MULTISCALE_PX whose overview
+    # would read too much (4096² cells of 384 float16 features: 12.9 GB) gets them too
+    n_all = max(n_levels, _levels_above(side, PLACEHOLDER_PX))
+    first = placeholder_from(n_all, cell_bytes)
+    if first < n_all:
+        n_levels = n_all
     if n_levels == 1:
         return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
-    first = placeholder_from(n_levels, cell_bytes)
-    if first < n_levels:  # placeholders cost nothing: down to about a screen, so that napari's
-        while side // 2 ** (n_levels - 1) > PLACEHOLDER_PX:  # overview and thumbnail are small
-            n_levels += 1
     means = ChunkMeans(arr.data)  # shared: a level reuses its finer levels' chunk means
     levels = [
         FeatureMean(arr.data, 2**k, placeholder=k >= first, means=means) for k in range(n_levels)
@@ -390,6 +391,18 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
         # napari's own limits would come from the coarsest level: a placeholder
         kwargs["contrast_limits"] = central_limits(_centre_chunk(arr.data).mean(axis=0))
     return levels, kwargs, "image"
+
+
+def _levels_above(side: int, px: int) -> int:
+    """Pyramid levels (each 2x smaller) of a ``side``-cell array until a side is <= ``px``.
+
+    >>> _levels_above(25000, 4096), _levels_above(25000, 1024), _levels_above(900, 1024)
+    (4, 6, 1)
+    """
+    n = 1
+    while side // 2 ** (n - 1) > px:
+        n += 1
+    return n
 
 
 def _centre_chunk(features: da.Array) -> da.Array:

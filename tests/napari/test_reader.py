@@ -496,3 +496,19 @@ def test_feature_mean_keeps_chunk_means_for_regions_seen_again():
     assert means.computed == 8 and len(means._kept) == 6
     level0[5:15, 12:28]
     assert means.computed == 10
+
+
+def test_a_store_below_the_pyramid_size_whose_overview_reads_too_much_gets_placeholders(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 8)
+    values = _values(np.random.default_rng(16), (3, 30, 20))
+    store = write_store(tmp_path / "f.zarr", values, chunk=8)
+    [(data, _, _)] = _read(store)
+    assert isinstance(data, dask.array.Array)  # light: one layer, read whole
+    monkeypatch.setattr(_reader, "VIEW_BYTES", _reader.SCREEN_CELLS * 3 * 4)  # level 0 only
+    [(levels, kwargs, _)] = _read(store)
+    assert [lv.shape for lv in levels] == [(30, 20), (15, 10), (7, 5)]
+    assert kwargs["metadata"]["placeholder_levels"] == 1
+    np.testing.assert_allclose(levels[0][:, :], values.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert np.isnan(levels[1][:, :]).all() and np.isnan(levels[2][:, :]).all()
