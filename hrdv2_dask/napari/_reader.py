@@ -24,6 +24,12 @@ What opens as what (:func:`path_kind`):
 * ``similarity.zarr``: an image with a colour map; any other array written by
   :func:`hrdv2_dask.io.outputs.write_array`: an image.
 
+Big stores: above :data:`MULTISCALE_PX` cells a layer is a lazy pyramid; a feature store's is
+made of :class:`~._feature_levels.FeatureMean` levels (a read computes only its region's
+chunks and keeps their means), and levels whose screenful would read more than
+:data:`VIEW_BYTES` are transparent placeholders (zoom in to see the features). The source
+image opens with its file's own pyramid levels.
+
 Units: by default the world units are source pixels (what the stores' ``y``/``x`` hold, and
 what napari's own readers give the source file). In physical units instead (the third reader,
 "in physical units", or ``HRDV2_NAPARI_UNITS=physical`` for the others), every layer whose
