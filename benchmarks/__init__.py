@@ -29,6 +29,10 @@ Suites (one module each):
 ``retrieval``
     ``build_index`` and ``search``: regions per second to index a store, and FAISS query
     latency, size and IVF-PQ recall at 10^5 and 10^6 vectors (flat and IVF-PQ).
+``napari``
+    The napari viewer on a synthetic feature store of a 100k × 100k px source: the GUI
+    thread's longest stall and time to draw for open, full view, zoom and pans (needs a
+    display: ``xvfb-run -a``).
 
 Each writes ``DIR/SUITE.json`` (results and an ``environment`` block) and ``DIR/SUITE.md`` (a
 Markdown section for ``benchmarks/RESULTS.md``). Metrics are pure functions in
@@ -45,4 +49,5 @@ SUITES = (
     "profile",
     "fidelity",
     "retrieval",
+    "napari",
 )

@@ -46,7 +46,19 @@ TINY = "embed_dim=64,depth=2,num_heads=4"
 
 @pytest.mark.parametrize(
     "name",
-    ["metrics", "common", "core", "e2e", "seams", "quality", "profile", "collection", "__main__"],
+    [
+        "metrics",
+        "common",
+        "core",
+        "e2e",
+        "seams",
+        "quality",
+        "profile",
+        "collection",
+        "napari",
+        "napari_store",
+        "__main__",
+    ],
 )
 def test_doctests(name):
     module = importlib.import_module(f"benchmarks.{name}")
@@ -376,3 +388,47 @@ def test_retrieval_smoke(tmp_path):
     assert result["rows"][0]["recall"] == 1.0 and 0 <= result["rows"][1]["recall"] <= 1
     assert "faiss-cpu" in (tmp_path / "retrieval.md").read_text()
     assert not (tmp_path / "work" / "bench_index").exists()
+
+
+def test_gigapixel_store_opens_like_a_real_one(tmp_path):
+    """The napari suite's synthetic store: a real store's metadata and chunk grid, few files."""
+    from benchmarks.napari_store import chunk_variant, variant_values, write_gigapixel_store
+
+    recipe = write_gigapixel_store(
+        tmp_path / "g.zarr", source_px=2400, out_stride=4, dim=4, chunk=32, pixel_size=0.5
+    )
+    assert recipe["cells"] == 600 and recipe["chunks"] == 19**2
+    feats = hd.open_features(tmp_path / "g.zarr")
+    assert feats.shape == (4, 600, 600) and feats.data.chunks[1][0] == 32
+    assert float(feats.y_phys[1]) == pytest.approx(5.5 * 0.5)
+    for j, i in ((0, 0), (3, 5), (7, 7)):  # a chunk's values are its variant's
+        v = chunk_variant(j, i, 8)
+        got = feats.data[:, j * 32 : j * 32 + 26, i * 32 : i * 32 + 26].compute()
+        want = variant_values(v, dim=4, chunk=32, variants=8)[:, :26, :26]
+        np.testing.assert_array_equal(got, want)
+    files = list((tmp_path / "g.zarr" / "features").rglob("*"))
+    inodes = {f.stat().st_ino for f in files if f.is_file() and f.name != "zarr.json"}
+    assert len(inodes) == 8  # 361 chunks, 8 distinct files
+    source = feats.attrs["source"]
+    image, meta = hd.open_image(source["path"], level=1)  # its source: an OME-Zarr pyramid
+    assert image.shape == (1200, 1200, 3) and image.dtype == np.uint8
+    assert source["pixel_size"] == [0.5, 0.5] and source["shape"] == [2400, 2400, 3]
+
+
+@pytest.mark.slow  # two napari viewers under Xvfb: ~40 s on 2 cores
+def test_napari_smoke(tmp_path):
+    """``napari --quick``: every action of both slicing modes is measured and drawn."""
+    pytest.importorskip("napari", exc_type=ImportError)
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("no display: run under xvfb-run")
+    assert main(["napari", "--quick", "--work", str(tmp_path / "w"), "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "napari.json").read_text())
+    assert [s["mode"] for s in result["sessions"]] == ["sync", "async"]
+    for session in result["sessions"]:
+        names = [r["action"] for r in session["rows"]]
+        assert names[:3] == ["redraw, empty viewer (baseline)", "open", "full view"]
+        assert len(names) == 8 and session["canvas"][0] > 0
+        for row in session["rows"]:
+            assert not row["timed_out"] and row["max_ms"] > 0 and row["beats"] > 0, row
+            assert row["p99_ms"] <= row["max_ms"]
+    assert "longest stall" in (tmp_path / "napari.md").read_text()

@@ -23,6 +23,19 @@ What opens as what (:func:`path_kind`):
   a Labels layer;
 * ``similarity.zarr``: an image with a colour map; any other array written by
   :func:`hrdv2_dask.io.outputs.write_array`: an image.
+
+Big stores: above :data:`MULTISCALE_PX` cells a layer is a lazy pyramid; a feature store's is
+made of :class:`~._feature_levels.FeatureMean` levels (a read computes only its region's
+chunks and keeps their means), and levels whose screenful would read more than
+:data:`VIEW_BYTES` are transparent placeholders (zoom in to see the features). The source
+image opens with its file's own pyramid levels.
+
+Units: by default the world units are source pixels (what the stores' ``y``/``x`` hold, and
+what napari's own readers give the source file). In physical units instead (the third reader,
+"in physical units", or ``HRDV2_NAPARI_UNITS=physical`` for the others), every layer whose
+source has a pixel size (the ``y_phys``/``x_phys`` coordinates) is scaled by it, the source
+image included, and carries napari's ``units``; layers without one stay in pixels. Every
+layer's ``metadata`` records ``pixel_size`` and ``unit`` where known.
 """
 
 from __future__ import annotations
@@ -42,13 +55,18 @@ from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
+from ._feature_levels import ChunkMeans, FeatureMean
 
 __all__ = [
     "LayerData",
     "grid_placement",
+    "has_pixel_size",
+    "in_physical_units",
+    "napari_get_physical_reader",
     "napari_get_reader",
     "napari_get_stack_reader",
     "path_kind",
+    "pixel_size",
     "read_path",
     "read_stack",
 ]
@@ -61,8 +79,25 @@ log = logging.getLogger(__name__)
 #: Layers whose largest side is above this many cells open as a lazy pyramid (napari draws a
 #: level near the screen's resolution instead of the whole array).
 MULTISCALE_PX = 4096
+#: One view of a pyramid level, in its cells: about a 1920 x 1080 screen.
+SCREEN_CELLS = 1920 * 1080
+#: A pyramid level above level 0 whose screenful would read more than this many bytes of the
+#: store (a 2x smaller level reads 4x the cells) opens as a placeholder: NaN (transparent),
+#: 0 in labels. napari draws it at once; zoomed in, it shows the finer levels. Without it, the
+#: full view of a 100k x 100k px store reads the whole store (480 GB at 384 float16 features).
+VIEW_BYTES = 2**30
+#: Placeholder levels continue down to this many cells a side (napari's full view then
+#: shows, and thumbnails, a screen-sized level).
+PLACEHOLDER_PX = 1024
 _PCA_OME = "pca.ome.zarr"
 _OME_METHOD = "hrdv2_dask.io.outputs.write_ome_pyramid"  # its multiscales metadata
+#: Environment variable choosing the world units of the default readers: ``pixel`` or
+#: ``physical``.
+UNITS_ENV = "HRDV2_NAPARI_UNITS"
+# The canonical length units of the image readers (io.readers._base), all known to napari.
+_LENGTH_UNITS = frozenset(
+    "meter centimeter millimeter micrometer nanometer picometer angstrom inch".split()
+)
 
 
 def _json(path: Path) -> dict[str, Any] | None:
@@ -142,24 +177,120 @@ def grid_placement(
     return (scale[0], scale[1]), (translate[0], translate[1])
 
 
-def _placement(arr: xr.DataArray) -> dict[str, Any]:
+def pixel_size(arr: xr.DataArray) -> tuple[tuple[float, float], str | None] | None:
+    """``((y, x) size of a source pixel, unit)`` from an array's ``y``/``x`` and
+    ``y_phys``/``x_phys`` coordinates; None without them (or on a 1-cell stride-1 axis).
+
+    Examples
+    --------
+    >>> from hrdv2_dask.io.store import feature_coords
+    >>> arr = xr.DataArray(np.zeros((2, 3)), dims=("y", "x"))
+    >>> arr = arr.assign_coords(feature_coords((2, 3), 4, pixel_size=(0.5, 0.25), unit="nm"))
+    >>> pixel_size(arr)
+    ((0.5, 0.25), 'nm')
+    """
+    if "y_phys" not in arr.coords or "x_phys" not in arr.coords:
+        return None
+    size = []
+    for dim in ("y", "x"):
+        pix = np.asarray(arr[dim].values, np.float64)
+        phys = np.asarray(arr[f"{dim}_phys"].values, np.float64)
+        i = int(np.argmax(np.abs(pix)))  # a centre away from 0 (the first is 0 at stride 1)
+        if pix[i] == 0:
+            return None
+        size.append(float(phys[i] / pix[i]))
+    unit = arr["y_phys"].attrs.get("units")
+    return (size[0], size[1]), (None if unit in (None, "unknown") else str(unit))
+
+
+def _meta(kind: str, path: Path, arr: xr.DataArray | None, **extra: Any) -> dict[str, Any]:
+    """A layer's ``metadata``: what it is, where from, and its source pixel size if known."""
+    meta: dict[str, Any] = {"hrdv2_kind": kind, "path": str(path), **extra}
+    size = pixel_size(arr) if arr is not None else None
+    if size is not None:
+        meta["pixel_size"], meta["unit"] = list(size[0]), size[1]
+    return meta
+
+
+def in_physical_units(layer: LayerData) -> LayerData:
+    """``layer`` placed in physical units: its ``y``/``x`` scale and translate times its
+    ``metadata["pixel_size"]``, with napari ``units``; unchanged without a pixel size.
+
+    Examples
+    --------
+    >>> meta = {"pixel_size": [0.5, 0.25], "unit": "micrometer"}
+    >>> kwargs = {"scale": (4.0, 4.0), "translate": (1.5, 1.5), "metadata": meta}
+    >>> kw = in_physical_units((np.zeros((2, 3)), kwargs, "image"))[1]
+    >>> kw["scale"], kw["translate"], kw["units"]
+    ((2.0, 1.0), (0.75, 0.375), ('micrometer', 'micrometer'))
+    """
+    data, kwargs, kind = layer
+    meta = kwargs.get("metadata") or {}
+    size = meta.get("pixel_size")
+    if not size:
+        return layer
+    first = data[0] if isinstance(data, list) else data
+    ndim = first.ndim - (1 if kwargs.get("rgb") else 0)
+    scale = list(kwargs.get("scale", (1.0,) * ndim))
+    translate = list(kwargs.get("translate", (0.0,) * ndim))
+    for axis, p in zip((-2, -1), size, strict=True):
+        scale[axis] *= float(p)
+        translate[axis] *= float(p)
+    out = {**kwargs, "scale": tuple(scale), "translate": tuple(translate)}
+    unit = meta.get("unit")
+    if unit in _LENGTH_UNITS:
+        out["units"] = ("pixel",) * (ndim - 2) + (unit, unit)
+    return data, out, kind
+
+
+def _physical_default() -> bool:
+    value = os.environ.get(UNITS_ENV, "pixel").strip().lower()
+    if value not in ("pixel", "physical"):
+        log.warning("%s=%r is neither 'pixel' nor 'physical'; using pixels", UNITS_ENV, value)
+    return value == "physical"
+
+
+def _placement(arr: xr.DataArray, *, drop: str | None = None) -> dict[str, Any]:
+    """napari ``scale``/``translate`` of ``arr`` (without its dim ``drop``: no slicing of a
+    gigapixel array's data to drop it)."""
     scale, translate = grid_placement(arr["y"].values, arr["x"].values, arr.attrs.get("out_stride"))
-    extra = arr.ndim - 2  # leading axes (channels, components) are not placed
+    extra = arr.ndim - 2 - (drop is not None)  # leading axes (channels...) are not placed
     return {"scale": (1.0,) * extra + scale, "translate": (0.0,) * extra + translate}
 
 
-def pyramid(data: da.Array, *, labels: bool = False) -> list[da.Array]:
+def placeholder_from(n_levels: int, cell_bytes: float) -> int:
+    """The first of ``n_levels`` pyramid levels whose screenful (:data:`SCREEN_CELLS`) would
+    read more than :data:`VIEW_BYTES` at ``cell_bytes`` bytes per level-0 cell (``n_levels``:
+    none); level 0 is always real.
+
+    >>> placeholder_from(4, 384 * 2), placeholder_from(4, 64 * 2), placeholder_from(4, 4)
+    (1, 2, 4)
+    """
+    for k in range(1, n_levels):
+        if SCREEN_CELLS * 4**k * cell_bytes > VIEW_BYTES:
+            return k
+    return n_levels
+
+
+def pyramid(
+    data: da.Array, *, labels: bool = False, cell_bytes: float | None = None
+) -> list[da.Array]:
     """``data`` and its 2x-smaller versions (lazy), down to :data:`MULTISCALE_PX` cells.
 
     Levels of ``(y, x)`` or ``(..., y, x)`` arrays, and of RGB ``(y, x, c)`` ``uint8``
     arrays (the ``y``/``x`` axes are found by the dtype), are 2x2 means (rounded for
     integers), except label images, which take every other cell (a mean of labels is no
-    label). A side of odd length drops its last cell.
+    label). A side of odd length drops its last cell. With ``cell_bytes`` (bytes read per
+    level-0 cell), levels from :func:`placeholder_from` on are placeholders (NaN for floats,
+    0 for labels; RGB and other integer images keep every level).
 
     Examples
     --------
     >>> [lv.shape for lv in pyramid(da.zeros((9000, 5000), chunks=1000))]
     [(9000, 5000), (4500, 2500), (2250, 1250)]
+    >>> levels = pyramid(da.zeros((9000, 5000), chunks=1000), cell_bytes=768)
+    >>> [int(np.isnan(lv[0, 0].compute())) for lv in levels]
+    [0, 1, 1]
     """
     rgb = data.ndim == 3 and data.dtype == np.uint8 and data.shape[2] in (3, 4)
     axes = (0, 1) if rgb else (data.ndim - 2, data.ndim - 1)
@@ -176,7 +307,45 @@ def pyramid(data: da.Array, *, labels: bool = False) -> list[da.Array]:
             np.mean, prev.astype(np.float32), dict.fromkeys(axes, 2), trim_excess=True
         )
         levels.append(mean.round().astype(prev.dtype) if prev.dtype.kind in "iu" else mean)
-    return levels
+    fill = 0 if labels else (np.nan if levels[-1].dtype.kind == "f" and not rgb else None)
+    if cell_bytes is None or fill is None:
+        return levels
+    first = placeholder_from(len(levels), cell_bytes)
+    return levels[:first] + [
+        da.full(lv.shape, fill, dtype=lv.dtype, chunks=lv.chunks) for lv in levels[first:]
+    ]
+
+
+def _cell_bytes(data: da.Array, kwargs: dict[str, Any]) -> float | None:
+    """Bytes of the store read per displayed level-0 cell: the layer's own record (a feature
+    mean reads every feature), else its dtype times its non-placed chunk axes."""
+    known = (kwargs.get("metadata") or {}).get("bytes_per_cell")
+    if known is not None:
+        return float(known)
+    if kwargs.get("rgb"):
+        return None
+    return float(data.dtype.itemsize * np.prod([c[0] for c in data.chunks[:-2]], dtype=int))
+
+
+def central_limits(data: da.Array) -> tuple[float, float]:
+    """Contrast limits from the chunk at the centre of ``data`` (its 0.5-99.5 percentiles;
+    ``(0, 1)`` if it holds no finite value): one chunk read, not the whole array.
+
+    >>> data = da.from_array(np.arange(100.0).reshape(10, 10), chunks=5)
+    >>> [round(v) for v in central_limits(data)]  # the chunk [5:10, 5:10]: 55 ... 99
+    [55, 99]
+    """
+    index = []
+    for size, chunks in zip(data.shape, data.chunks, strict=True):
+        edges = np.cumsum((0, *chunks))
+        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
+        index.append(slice(int(edges[j]), int(edges[j + 1])))
+    block = np.asarray(data[tuple(index)].compute(scheduler="sync"), np.float64)
+    finite = block[np.isfinite(block)]
+    if finite.size == 0:
+        return 0.0, 1.0
+    lo, hi = np.percentile(finite, [0.5, 99.5])
+    return (float(lo), float(hi)) if hi > lo else (float(lo), float(lo) + 1.0)
 
 
 def _multiscale(layer: LayerData) -> LayerData:
@@ -184,20 +353,72 @@ def _multiscale(layer: LayerData) -> LayerData:
     data, kwargs, kind = layer
     if isinstance(data, list):
         return layer
-    levels = pyramid(data, labels=kind == "labels")
+    cell_bytes = _cell_bytes(data, kwargs)
+    levels = pyramid(data, labels=kind == "labels", cell_bytes=cell_bytes)
     if len(levels) == 1:
         return layer
-    return levels, {**kwargs, "multiscale": True}, kind
+    out = {**kwargs, "multiscale": True}
+    first = placeholder_from(len(levels), cell_bytes) if cell_bytes else len(levels)
+    if first < len(levels) and kind != "labels" and not kwargs.get("rgb"):
+        out["metadata"] = {**out.get("metadata", {}), "placeholder_levels": first}
+        if "contrast_limits" not in out:  # napari's own would come from a placeholder: NaN
+            out["contrast_limits"] = central_limits(levels[0])
+    return levels, out, kind
 
 
 def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
-    mean = arr.data.mean(axis=0)  # the feature axis is one chunk: one task per (y, x) chunk
-    kwargs = {
+    """The mean over the features: a dask array; above :data:`MULTISCALE_PX` cells, a pyramid
+    of :class:`FeatureMean` levels (each indexing reads only its region), whose levels from
+    :func:`placeholder_from` on are NaN placeholders."""
+    cell_bytes = arr.sizes["feature"] * arr.dtype.itemsize  # a cell's mean reads them all
+    kwargs: dict[str, Any] = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
-        "metadata": {"hrdv2_kind": "features", "path": str(path)},
-        **_placement(arr.isel(feature=0)),
+        "metadata": _meta("features", path, arr, bytes_per_cell=cell_bytes),
+        **_placement(arr, drop="feature"),
     }
-    return mean, kwargs, "image"
+    side = max(arr.shape[1:])
+    n_levels = _levels_above(side, MULTISCALE_PX)
+    # placeholders cost nothing: with any, levels go on down to about a screen, so that
+    # napari's overview and thumbnail are small; a store below MULTISCALE_PX whose overview
+    # would read too much (4096² cells of 384 float16 features: 12.9 GB) gets them too
+    n_all = max(n_levels, _levels_above(side, PLACEHOLDER_PX))
+    first = placeholder_from(n_all, cell_bytes)
+    if first < n_all:
+        n_levels = n_all
+    if n_levels == 1:
+        return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
+    means = ChunkMeans(arr.data)  # shared: a level reuses its finer levels' chunk means
+    levels = [
+        FeatureMean(arr.data, 2**k, placeholder=k >= first, means=means) for k in range(n_levels)
+    ]
+    kwargs["multiscale"] = True
+    if first < n_levels:
+        kwargs["metadata"]["placeholder_levels"] = first
+        # napari's own limits would come from the coarsest level: a placeholder
+        kwargs["contrast_limits"] = central_limits(_centre_chunk(arr.data).mean(axis=0))
+    return levels, kwargs, "image"
+
+
+def _levels_above(side: int, px: int) -> int:
+    """Pyramid levels (each 2x smaller) of a ``side``-cell array until a side is <= ``px``.
+
+    >>> _levels_above(25000, 4096), _levels_above(25000, 1024), _levels_above(900, 1024)
+    (4, 6, 1)
+    """
+    n = 1
+    while side // 2 ** (n - 1) > px:
+        n += 1
+    return n
+
+
+def _centre_chunk(features: da.Array) -> da.Array:
+    """The ``(feature, y, x)`` chunk holding the centre cell."""
+    index = [slice(None)]
+    for size, chunks in zip(features.shape[1:], features.chunks[1:], strict=True):
+        edges = np.cumsum((0, *chunks))
+        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
+        index.append(slice(int(edges[j]), int(edges[j + 1])))
+    return features[tuple(index)]
 
 
 def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
@@ -206,8 +427,9 @@ def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
     path = src.get("path")
     if not path or not Path(path).exists():
         return None
+    level = int(src.get("level") or 0)
     try:
-        data, _ = open_image(path, level=int(src.get("level") or 0))
+        data, _ = open_image(path, level=level)
     except Hrdv2Error as err:
         log.warning("source of %s not shown: %s", name, err)
         return None
@@ -217,13 +439,35 @@ def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:
         return None
     kwargs: dict[str, Any] = {
         "name": f"{name}: source {Path(path).name}",
-        "metadata": {"hrdv2_kind": "source", "path": str(path)},
+        "metadata": _meta("source", Path(path), arr),
     }
-    if data.shape[2] in (3, 4) and data.dtype == np.uint8:
-        kwargs["rgb"] = True
-    else:
-        data = data[..., 0]
-    return data, kwargs, "image"
+    rgb = data.shape[2] in (3, 4) and data.dtype == np.uint8
+    kwargs["rgb"] = rgb
+    levels = [data, *_coarser_levels(path, level, data.shape)]
+    levels = [lv if rgb else lv[..., 0] for lv in levels]
+    if len(levels) > 1:
+        kwargs["multiscale"] = True
+        return levels, kwargs, "image"
+    return levels[0], kwargs, "image"
+
+
+def _coarser_levels(path: str, level: int, shape: tuple[int, ...]) -> list[da.Array]:
+    """The source file's own coarser pyramid levels (TIFF/SVS, OME-Zarr), when its level 0 is
+    above :data:`MULTISCALE_PX`: napari draws its overview from them, reading little."""
+    if max(shape[:2]) <= MULTISCALE_PX:
+        return []
+    levels: list[da.Array] = []
+    while True:
+        try:
+            data, _ = open_image(path, level=level + len(levels) + 1)
+        except Hrdv2Error:
+            return levels
+        previous = levels[-1].shape if levels else shape
+        if data.shape[2] != shape[2] or not all(
+            a < b for a, b in zip(data.shape[:2], previous[:2], strict=True)
+        ):
+            return levels  # not a pyramid napari can use (each level smaller)
+        levels.append(data)
 
 
 def _store_layers(arr: xr.DataArray, name: str, path: Path) -> list[LayerData]:
@@ -238,14 +482,22 @@ def _rgb_block(block: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 
 
 def _open_array(path: Path, var: str) -> xr.DataArray:
-    return xr.open_zarr(path, consolidated=False, zarr_format=3)[var]
+    """``path``'s variable ``var`` as a dask array, its (small) coordinates in memory."""
+    arr = xr.open_zarr(path, consolidated=False, zarr_format=3)[var]
+    # xarray opens the non-index coordinates (y_phys, x_phys) as dask arrays too; read them
+    # without dask (opening computes nothing), from a second, dask-free opening
+    lazy = [n for n, c in arr.coords.items() if n not in arr.indexes and c.chunks is not None]
+    if lazy:
+        plain = xr.open_zarr(path, consolidated=False, zarr_format=3, chunks=None)
+        arr = arr.assign_coords({n: plain[n].variable.load() for n in lazy})
+    return arr
 
 
 def _read_pca(path: Path) -> list[LayerData]:
     arr = _open_array(path, "pca")
     name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
-    meta = {"hrdv2_kind": "pca", "path": str(path)}
-    place = _placement(arr.isel(component=0))
+    meta = _meta("pca", path, arr)
+    place = _placement(arr, drop="component")
     lo, hi = arr.attrs.get("lo"), arr.attrs.get("hi")
     if arr.sizes["component"] >= 3 and lo is not None and hi is not None:
         lo3, hi3 = np.asarray(lo[:3], np.float64), np.asarray(hi[:3], np.float64)
@@ -261,7 +513,7 @@ def _read_ome(path: Path) -> list[LayerData]:
     ms = attrs["multiscales"][0]
     axes = [a["name"] for a in ms.get("axes", [])]
     levels = [da.from_zarr(str(path / d["path"])) for d in ms["datasets"]]
-    meta = {"hrdv2_kind": "ome", "path": str(path)}
+    meta = _meta("ome", path, None)
     rgb = axes[:1] == ["c"] and levels[0].shape[0] == 3
     if rgb:
         levels = [lv.transpose(1, 2, 0) for lv in levels]
@@ -271,10 +523,10 @@ def _read_ome(path: Path) -> list[LayerData]:
         kwargs["multiscale"] = True
     sibling = path.parent / "pca.zarr"
     if path.name == _PCA_OME and path_kind(sibling) == "pca":
-        scale, translate = grid_placement(
-            *(_open_array(sibling, "pca")[d].values for d in ("y", "x"))
-        )
+        placed = _open_array(sibling, "pca")
+        scale, translate = grid_placement(placed["y"].values, placed["x"].values)
         kwargs.update(scale=scale, translate=translate)
+        meta.update(_meta("ome", path, placed))
     else:
         meta["placed"] = "output cells (no pca.zarr beside it to place it on the source)"
         kwargs["name"] = f"{name} (output cells)"
@@ -290,7 +542,7 @@ def _read_array(path: Path, kind: str) -> list[LayerData]:
     name = f"{path.parent.name}/{path.name}" if path.parent.name else path.name
     kwargs: dict[str, Any] = {
         "name": name,
-        "metadata": {"hrdv2_kind": kind, "path": str(path)},
+        "metadata": _meta(kind, path, arr),
         **_placement(arr),
     }
     if kind == "labels":
@@ -300,16 +552,26 @@ def _read_array(path: Path, kind: str) -> list[LayerData]:
     return [(arr.data, kwargs, "image")]
 
 
-def read_path(path: str | os.PathLike) -> list[LayerData]:
+def read_path(path: str | os.PathLike, *, physical: bool | None = None) -> list[LayerData]:
     """The napari layer-data tuples of a store or an output (see the module docstring); a layer
     above :data:`MULTISCALE_PX` cells is a lazy :func:`pyramid`.
+
+    ``physical``: place the layers in the source's physical units (:func:`in_physical_units`)
+    instead of source pixels; None: as :data:`UNITS_ENV` says (pixels if unset).
 
     Raises
     ------
     StoreError
         ``path`` is none of them, or a store that cannot be opened (its one-line message).
     """
-    return [_multiscale(layer) for layer in _read_layers(Path(path))]
+    layers = [_multiscale(layer) for layer in _read_layers(Path(path))]
+    return _units(layers, physical)
+
+
+def _units(layers: list[LayerData], physical: bool | None) -> list[LayerData]:
+    if physical is None:
+        physical = _physical_default()
+    return [in_physical_units(layer) for layer in layers] if physical else layers
 
 
 def _read_layers(p: Path) -> list[LayerData]:
@@ -334,9 +596,10 @@ def _read_layers(p: Path) -> list[LayerData]:
     )
 
 
-def read_stack(path: str | os.PathLike) -> list[LayerData]:
+def read_stack(path: str | os.PathLike, *, physical: bool | None = None) -> list[LayerData]:
     """A collection as one image layer: its members' feature means stacked on a first axis
-    (in the table's order), for members that share one grid.
+    (in the table's order), for members that share one grid; ``physical`` as in
+    :func:`read_path` (the first member's pixel size).
 
     Raises
     ------
@@ -362,14 +625,14 @@ def read_stack(path: str | os.PathLike) -> list[LayerData]:
         )
     arr = members[first_key]
     data = da.stack([_features_layer(a, k, p / k)[0] for k, a in members.items()])
-    place = _placement(arr.isel(feature=0))
+    place = _placement(arr, drop="feature")
     kwargs = {
         "name": f"{p.name}: {len(members)} members, mean of {arr.sizes['feature']} features",
-        "metadata": {"hrdv2_kind": "stack", "path": str(p), "members": list(members)},
+        "metadata": _meta("stack", p, arr, members=list(members)),
         "scale": (1.0, *place["scale"]),
         "translate": (0.0, *place["translate"]),
     }
-    return [_multiscale((data, kwargs, "image"))]
+    return _units([_multiscale((data, kwargs, "image"))], physical)
 
 
 def napari_get_stack_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
@@ -389,10 +652,43 @@ def _member(node: xr.DataTree) -> xr.DataArray:
 
 def napari_get_reader(path: str | list[str]) -> Callable[[Any], list[LayerData]] | None:
     """npe2 ``get_reader`` hook: :func:`read_path` when ``path`` is ours, else None."""
+    return _reader_of(path, physical=None)
+
+
+def napari_get_physical_reader(
+    path: str | list[str],
+) -> Callable[[Any], list[LayerData]] | None:
+    """npe2 ``get_reader`` hook of the third reader: :func:`read_path` in physical units, for
+    paths of ours whose source has a pixel size (so that the others open without a choice)."""
+    one = path[0] if isinstance(path, list) and len(path) == 1 else path
+    if isinstance(one, list) or not has_pixel_size(one):
+        return None
+    return _reader_of(path, physical=True)
+
+
+def has_pixel_size(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is ours and its source has a pixel size (reads metadata files only)."""
+    p = Path(path)
+    kind = path_kind(p)
+    if kind == "features":
+        attrs = ((_json(p / "zarr.json") or {}).get("attributes") or {}).get(ATTR) or {}
+        source = (attrs.get("provenance") or {}).get("source") or {}
+        return bool(source.get("pixel_size"))
+    if kind == "collection":
+        return any(has_pixel_size(m) for m in sorted(p.iterdir()) if m.is_dir())
+    if kind == "ome":
+        if p.name != _PCA_OME:
+            return False
+        p = p.parent / "pca.zarr"
+        kind = path_kind(p)
+    return kind is not None and (p / "y_phys" / "zarr.json").is_file()
+
+
+def _reader_of(path: str | list[str], *, physical: bool | None):
     if isinstance(path, list):
         if len(path) != 1:
             return None
         path = path[0]
     if path_kind(path) is None:
         return None
-    return lambda p, **_: read_path(p[0] if isinstance(p, list) else p)
+    return lambda p, **_: read_path(p[0] if isinstance(p, list) else p, physical=physical)

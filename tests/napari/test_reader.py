@@ -317,3 +317,198 @@ def test_viewer_opens_a_store_with_the_plugin(outputs_of_one_store, request):
     viewer.open(str(coll), plugin="hrdv2-dask.get_stack_reader")
     [stack] = viewer.layers
     assert stack.data.shape == (2, 8, 8) and stack.name == "c.zarr: 2 members, mean of 3 features"
+
+
+# ------------------------------------------------------------------ physical units
+
+
+def _with_pixel_size(store, size=(0.5, 0.25), unit="micrometer"):
+    """The store as if its source file had recorded a pixel size."""
+    import zarr
+
+    root = zarr.open_group(store, mode="r+")
+    meta = dict(root.attrs["hrdv2"])
+    source = {**meta["provenance"]["source"], "pixel_size": list(size), "unit": unit}
+    root.attrs["hrdv2"] = {**meta, "provenance": {**meta["provenance"], "source": source}}
+    return store
+
+
+@pytest.fixture
+def physical_store(tmp_path):
+    rng = np.random.default_rng(11)
+    image = rng.integers(0, 255, (40, 48), dtype=np.uint8)
+    store = write_store(tmp_path / "f.zarr", _values(rng, (5, 10, 12)), out_stride=4, image=image)
+    return _with_pixel_size(store)
+
+
+def test_layers_are_in_pixels_by_default_and_record_the_pixel_size(physical_store, monkeypatch):
+    monkeypatch.delenv(_reader.UNITS_ENV, raising=False)
+    [(_, skw, _), (_, fkw, _)] = _read(physical_store)
+    assert "scale" not in skw and "units" not in fkw
+    assert fkw["scale"] == (4.0, 4.0) and fkw["translate"] == (1.5, 1.5)
+    for kw in (skw, fkw):
+        assert kw["metadata"]["pixel_size"] == [0.5, 0.25]
+        assert kw["metadata"]["unit"] == "micrometer"
+
+
+def test_physical_units_scale_the_source_and_its_features_alike(physical_store):
+    reader = _reader.napari_get_physical_reader(str(physical_store))
+    assert reader is not None
+    [(src, skw, _), (data, fkw, _)] = reader(str(physical_store))
+    assert skw["scale"] == (0.5, 0.25) and skw["translate"] == (0.0, 0.0)
+    assert fkw["scale"] == (2.0, 1.0) and fkw["translate"] == (0.75, 0.375)
+    assert fkw["units"] == skw["units"] == ("micrometer", "micrometer")
+    # output cell i still spans source pixels [4i, 4i + 4): edges (4i - 1/2) * p in world units
+    for axis, p in enumerate((0.5, 0.25)):
+        i = np.arange(data.shape[axis], dtype=np.float64)
+        centre = fkw["translate"][axis] + i * fkw["scale"][axis]
+        np.testing.assert_allclose(centre - fkw["scale"][axis] / 2, (4 * i - 0.5) * p)
+        j = np.arange(src.shape[axis], dtype=np.float64)  # source pixel j: centred at j * p
+        np.testing.assert_allclose(skw["translate"][axis] + j * skw["scale"][axis], j * p)
+    feats = open_features(physical_store)
+    np.testing.assert_allclose(fkw["translate"], (feats.y_phys[0], feats.x_phys[0]))
+
+
+def test_physical_units_reach_every_derived_output(physical_store, monkeypatch):
+    root = physical_store.parent
+    feats = open_features(physical_store)
+    write_pca(fit_pca(feats, components=3, n_samples=100), feats, root / "pca")
+    outputs.write_array(similarity(feats, points=[(2, 3)]), root / "sim" / "similarity.zarr")
+    write_clusters(fit_kmeans(feats, k=2, n_samples=100), feats, root / "km")
+    paths = ["pca/pca.zarr", "pca/pca.ome.zarr", "sim/similarity.zarr", "km/clusters.zarr"]
+    monkeypatch.setenv(_reader.UNITS_ENV, "physical")  # the default readers, switched
+    for name in paths:
+        assert _reader.has_pixel_size(root / name), name
+        [(_, kwargs, _)] = _read(root / name)
+        assert kwargs["scale"] == (2.0, 1.0) and kwargs["translate"] == (0.75, 0.375), name
+        assert kwargs["units"] == ("micrometer", "micrometer"), name
+    monkeypatch.setenv(_reader.UNITS_ENV, "pixel")
+    assert _read(root / "sim" / "similarity.zarr")[0][1]["scale"] == (4.0, 4.0)
+
+
+def test_physical_reader_declines_stores_without_a_pixel_size(tmp_path):
+    store = write_store(tmp_path / "f.zarr", _values(np.random.default_rng(12)), out_stride=2)
+    assert not _reader.has_pixel_size(store)
+    assert _reader.napari_get_physical_reader(str(store)) is None  # no reader choice to make
+    assert napari_get_reader(str(store)) is not None
+    coll = write_collection(tmp_path / "c.zarr", {"a": _values(np.random.default_rng(1))})
+    assert not _reader.has_pixel_size(coll)
+    _with_pixel_size(coll / "a")
+    assert _reader.has_pixel_size(coll)
+    [(_, kwargs, _)] = read_path(coll, physical=True)
+    assert kwargs["scale"] == (0.5, 0.25) and kwargs["units"] == ("micrometer", "micrometer")
+
+
+def test_viewer_places_layers_in_physical_units(physical_store, request):
+    pytest.importorskip("napari", exc_type=ImportError)
+    pytest.importorskip("pytestqt")
+    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
+        pytest.skip("no display: run under xvfb-run")
+    import npe2
+
+    pm = npe2.PluginManager.instance()
+    if "hrdv2-dask" not in pm._manifests:
+        pm.register(npe2.PluginManifest.from_file(MANIFEST))
+    viewer = request.getfixturevalue("make_napari_viewer")()
+    viewer.open(str(physical_store), plugin="hrdv2-dask.get_physical_reader")
+    source, feats = viewer.layers
+    np.testing.assert_array_equal(feats.scale, [2.0, 1.0])
+    np.testing.assert_array_equal(source.scale, [0.5, 0.25])
+    assert [str(u) for u in feats.units] == ["micrometer", "micrometer"]
+    # 9.5 µm, 3.3 µm is source pixel (19, 13), in output cell (4, 3)
+    np.testing.assert_array_equal(np.round(feats.world_to_data((9.5, 3.3))), [4, 3])
+    np.testing.assert_array_equal(np.round(source.world_to_data((9.5, 3.3))), [19, 13])
+
+
+# ------------------------------------------------------------------ gigapixel stores
+
+
+def test_coarse_levels_that_would_read_too_much_are_transparent_placeholders(tmp_path, monkeypatch):
+    """A level whose screenful reads more than VIEW_BYTES is NaN (drawn at once, transparent);
+    contrast limits come from one chunk, not from napari's look at a placeholder."""
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 5)
+    cell_bytes = 3 * 4  # 3 float32 features a cell
+    monkeypatch.setattr(_reader, "VIEW_BYTES", _reader.SCREEN_CELLS * 4 * cell_bytes)
+    values = _values(np.random.default_rng(13), (3, 21, 12))
+    [(levels, kwargs, _)] = _read(write_store(tmp_path / "f.zarr", values, chunk=8))
+    assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3)]
+    assert type(levels[0]).__name__ == "FeatureMean"  # reads only the region napari asks for
+    np.testing.assert_allclose(levels[0][3:9, 2], values.mean(axis=0)[3:9, 2], rtol=1e-5)
+    assert kwargs["metadata"]["bytes_per_cell"] == cell_bytes
+    assert kwargs["metadata"]["placeholder_levels"] == 2
+    mean = values.mean(axis=0)
+    np.testing.assert_allclose(
+        np.asarray(levels[1]), mean[:20].reshape(10, 2, 6, 2).mean(axis=(1, 3)), rtol=1e-5
+    )
+    assert np.isnan(np.asarray(levels[2])).all()
+    centre = mean[8:16, 0:8]  # the chunk holding the centre cell (10, 6)
+    np.testing.assert_allclose(
+        kwargs["contrast_limits"], np.percentile(centre, [0.5, 99.5]), rtol=1e-5
+    )
+    assert _reader.placeholder_from(3, cell_bytes) == 2
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 2)  # free levels go on down to a screen
+    [(levels, _, _)] = _read(tmp_path / "f.zarr")
+    assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3), (2, 1)]
+    assert np.isnan(np.asarray(levels[3])).all()
+    labels = dask.array.from_array(np.ones((21, 12), np.int32), chunks=8)
+    lab = _reader.pyramid(labels, labels=True, cell_bytes=64)  # labels: 0, no NaN
+    assert [int(np.asarray(lv).max()) for lv in lab] == [1, 0, 0, 0]
+
+
+def test_source_opens_with_its_files_own_pyramid(tmp_path, monkeypatch):
+    import zarr
+
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 16)
+    rng = np.random.default_rng(14)
+    image = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+    ome = outputs.write_ome_pyramid(
+        xr.DataArray(image, dims=("y", "x", "c")), tmp_path / "src.ome.zarr", levels=3, chunk_px=16
+    )
+    store = write_store(tmp_path / "f.zarr", _values(rng, (4, 10, 12)), out_stride=4, image=image)
+    root = zarr.open_group(store, mode="r+")
+    meta = dict(root.attrs["hrdv2"])
+    source = {**meta["provenance"]["source"], "path": str(ome), "format": "ome-zarr"}
+    root.attrs["hrdv2"] = {**meta, "provenance": {**meta["provenance"], "source": source}}
+    [(levels, skw, _), _] = _read(store)
+    assert skw["multiscale"] is True and skw["rgb"] is True and "scale" not in skw
+    assert [lv.shape for lv in levels] == [(40, 48, 3), (20, 24, 3), (10, 12, 3)]
+    np.testing.assert_array_equal(np.asarray(levels[0]), image)
+    np.testing.assert_array_equal(
+        np.asarray(levels[1]), np.asarray(zarr.open_array(ome / "1")).transpose(1, 2, 0)
+    )
+
+
+def test_feature_mean_keeps_chunk_means_for_regions_seen_again():
+    from hrdv2_dask.napari._feature_levels import ChunkMeans, FeatureMean
+
+    values = _values(np.random.default_rng(15), (3, 40, 40))
+    features = dask.array.from_array(values, chunks=(3, 10, 10))
+    means = ChunkMeans(features, capacity_bytes=6 * 10 * 10 * 4)  # room for 6 chunk means
+    level0, level1 = FeatureMean(features, means=means), FeatureMean(features, 2, means=means)
+    np.testing.assert_allclose(level0[5:15, 12:28], values.mean(axis=0)[5:15, 12:28], rtol=1e-6)
+    assert means.computed == 4  # rows 5:15 and cols 12:28 touch 2 x 2 chunks
+    mean = values.mean(axis=0)
+    with dask.config.set(scheduler=_no_compute):  # seen before, at either level: no reading
+        np.testing.assert_allclose(level0[5:15, 12:28], mean[5:15, 12:28], rtol=1e-6)
+        coarse = mean[6:14, 12:28].reshape(4, 2, 8, 2).mean(axis=(1, 3))
+        np.testing.assert_allclose(level1[3:7, 6:14], coarse, rtol=1e-5)
+    level0[30:40, :]  # 4 more chunks: the 2 least recently used of the first 4 go
+    assert means.computed == 8 and len(means._kept) == 6
+    level0[5:15, 12:28]
+    assert means.computed == 10
+
+
+def test_a_store_below_the_pyramid_size_whose_overview_reads_too_much_gets_placeholders(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 8)
+    values = _values(np.random.default_rng(16), (3, 30, 20))
+    store = write_store(tmp_path / "f.zarr", values, chunk=8)
+    [(data, _, _)] = _read(store)
+    assert isinstance(data, dask.array.Array)  # light: one layer, read whole
+    monkeypatch.setattr(_reader, "VIEW_BYTES", _reader.SCREEN_CELLS * 3 * 4)  # level 0 only
+    [(levels, kwargs, _)] = _read(store)
+    assert [lv.shape for lv in levels] == [(30, 20), (15, 10), (7, 5)]
+    assert kwargs["metadata"]["placeholder_levels"] == 1
+    np.testing.assert_allclose(levels[0][:, :], values.mean(axis=0), rtol=1e-5, atol=1e-6)
+    assert np.isnan(levels[1][:, :]).all() and np.isnan(levels[2][:, :]).all()
