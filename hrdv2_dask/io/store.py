@@ -33,9 +33,18 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
+from zarr.core.metadata.v3 import ArrayV3Metadata
 
 from ..errors import IncompleteStoreError, StoreError, StoreReadError
 from .lock import LOCK_NAME
+from .nodes import (
+    array_metadata,
+    document,
+    group_metadata,
+    read_metadata,
+    write_document,
+    write_plain_chunks,
+)
 
 __all__ = [
     "FEATURES",
@@ -106,7 +115,8 @@ class RunStore:
         self.overwrite = overwrite
         _check_target(self.path)
         self.resumed = False
-        self.group: zarr.Group | None = None
+        self._group: zarr.Group | None = None
+        self._written = False  # by create(): the group is opened when first needed
         existing = self._existing_settings()
         if existing is None or overwrite:
             return
@@ -127,7 +137,14 @@ class RunStore:
             self.overwrite = True  # nothing in it to keep
             return
         self.resumed = True
-        self.group = group
+        self._group = group
+
+    @property
+    def group(self) -> zarr.Group | None:
+        """The store's Zarr group (None before :meth:`create` of a new store)."""
+        if self._group is None and self._written:
+            self._group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+        return self._group
 
     @property
     def provenance(self) -> dict[str, Any]:
@@ -160,36 +177,42 @@ class RunStore:
             return
         if self.overwrite and (self.path / "zarr.json").exists():
             _clear(self.path)
-        # "a", not "w": the folder is empty but for the writer lock, which must stay
-        self.group = zarr.open_group(self.path, mode="a", zarr_format=3)
-        self.group.attrs[ATTR] = {
-            "settings": self.settings,
-            "provenance": _jsonable(provenance),
-            "complete": False,
-        }
-        self.group.create_array(
-            FEATURES,
-            shape=shape,
-            chunks=chunks,
-            dtype=dtype,
-            compressors=_COMPRESSORS,
-            dimension_names=("feature", "y", "x"),
-            fill_value=np.nan,
-        )
-        run = self.group.create_group(RUN)
-        for name, hshape in halo_shapes.items():
-            run.create_array(
-                f"halo_{name}",
-                shape=(*blocks, *hshape),
-                chunks=(1, 1, *hshape),
-                dtype="float32",
+        # The documents are written as files (io.nodes: the bytes Zarr writes, without its
+        # round trips); "done" last: a store without it was interrupted while being created.
+        meta = {"settings": self.settings, "provenance": _jsonable(provenance), "complete": False}
+        write_document(self.path, group_metadata({ATTR: meta}))
+        write_document(
+            self.path / FEATURES,
+            array_metadata(
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
                 compressors=_COMPRESSORS,
-                fill_value=0.0,
+                dimension_names=("feature", "y", "x"),
+                fill_value=np.nan,
+            ),
+        )
+        write_document(self.path / RUN, group_metadata())
+        for name, hshape in halo_shapes.items():
+            write_document(
+                self.path / RUN / f"halo_{name}",
+                array_metadata(
+                    shape=(*blocks, *hshape),
+                    chunks=(1, 1, *hshape),
+                    dtype="float32",
+                    compressors=_COMPRESSORS,
+                    fill_value=0.0,
+                ),
             )
-        for name, values in (saved or {}).items():
-            run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
-        # last: a store without it was interrupted while being created, and is created again
-        run.create_array("done", shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0)
+        if saved:
+            run = zarr.open_group(self.path / RUN, mode="r+", zarr_format=3)
+            for name, values in saved.items():
+                run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
+        write_document(
+            self.path / RUN / "done",
+            array_metadata(shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0),
+        )
+        self._group, self._written = None, True
 
     def _existing_settings(self) -> dict[str, Any] | None:
         if not (self.path / "zarr.json").exists():
@@ -221,13 +244,19 @@ class RunStore:
         ``complete`` redoes them), the consolidated metadata last: a store that is not complete
         is never consolidated, so plain xarray does not take it for a finished one.
         """
-        meta = dict(self.group.attrs[ATTR])
-        _write_plain_metadata(self.group, meta)
-        if RUN in self.group:
-            del self.group[RUN]
+        root = read_metadata(self.path)
+        meta = dict(root.attributes[ATTR])
+        nodes = _write_plain_metadata(self.path, meta)
+        if (self.path / RUN).exists():
+            shutil.rmtree(self.path / RUN)
         meta["complete"] = True
-        self.group.attrs[ATTR] = meta
-        _consolidate(self.path)
+        # complete and consolidated in one write of the root document (never one without the
+        # other), as zarr.consolidate_metadata writes it over the nodes left
+        attrs = {**root.attributes, ATTR: _jsonable(meta)}
+        tmp = self.path / "zarr.json.tmp"
+        tmp.write_bytes(document(group_metadata(attrs, consolidated=nodes)))
+        os.replace(tmp, self.path / "zarr.json")
+        self._group, self._written = None, True  # reopened when needed
 
 
 def _created(group: zarr.Group) -> bool:
@@ -377,20 +406,21 @@ def feature_attrs(settings: dict[str, Any], provenance: dict[str, Any]) -> dict[
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def _write_plain_metadata(group: zarr.Group, meta: dict[str, Any]) -> None:
-    """Write the coordinate arrays and the ``features`` attributes that plain xarray reads.
+def _write_plain_metadata(path: Path, meta: dict[str, Any]) -> dict[str, ArrayV3Metadata]:
+    """Write the coordinate arrays and the ``features`` attributes that plain xarray reads;
+    the metadata of these nodes.
 
     The ``features`` array's values and its metadata but the attributes stay as they are;
     ``coordinates`` names the non-index coordinates (the CF rule xarray decodes).
     """
-    features = group[FEATURES]
+    features = read_metadata(path / FEATURES)
     settings, prov = meta["settings"], meta.get("provenance") or {}
     coords = _store_coords(settings, prov, features.shape[1:])
+    written = {}
     for name, var in coords.items():
-        if name in group:
-            del group[name]
-        arr = group.create_array(
-            name,
+        if (path / name).exists():
+            shutil.rmtree(path / name)
+        written[name] = array_metadata(
             shape=var.shape,
             dtype=var.dtype,
             dimension_names=var.dims,
@@ -398,12 +428,15 @@ def _write_plain_metadata(group: zarr.Group, meta: dict[str, Any]) -> None:
             fill_value=np.nan,
             attributes=var.attrs,
         )
-        arr[...] = var.values
+        write_document(path / name, written[name])
+        write_plain_chunks(path / name, written[name], var.values)
     extra = [name for name in coords if name not in ("y", "x")]
     attrs = feature_attrs(settings, prov)
     if extra:
         attrs["coordinates"] = " ".join(extra)
-    features.attrs.put(_jsonable(attrs))
+    written[FEATURES] = features.update_attributes(_jsonable(attrs))
+    write_document(path / FEATURES, written[FEATURES])
+    return written
 
 
 def _consolidate(path: Path) -> None:
@@ -437,7 +470,7 @@ def publish_metadata(store: str | os.PathLike) -> None:
         )
     if is_consolidated(path) and "y" in group:
         return
-    _write_plain_metadata(group, meta)
+    _write_plain_metadata(path, meta)
     _consolidate(path)
 
 
