@@ -36,7 +36,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata
 
 from ..errors import StoreError
-from .store import ATTR, _check_target, _clear, open_features, publish_metadata
+from .nodes import read_metadata
+from .store import ATTR, _check_target, _clear, is_consolidated, open_features, publish_metadata
 
 __all__ = [
     "COLLECTION",
@@ -191,15 +192,11 @@ class CollectionStore:
             path = self.member_path(key)
             if row.get("status") != "done" or not (path / "zarr.json").exists():
                 continue
-            publish_metadata(path)
-            nodes[key] = zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=True)
-        root = zarr.open_group(self.path, mode="r", zarr_format=3, use_consolidated=False)
-        meta = dataclasses.replace(
-            root.metadata,
-            consolidated_metadata=ConsolidatedMetadata(
-                metadata={key: group.metadata for key, group in nodes.items()}
-            ),
-        )
+            if not is_consolidated(path):
+                publish_metadata(path)
+            nodes[key] = read_metadata(path)  # its document, consolidated: one file read
+        root = read_metadata(self.path)
+        meta = dataclasses.replace(root, consolidated_metadata=ConsolidatedMetadata(metadata=nodes))
         blob = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
         tmp = self.path / "zarr.json.tmp"
         tmp.write_bytes(blob)

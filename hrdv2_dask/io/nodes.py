@@ -31,6 +31,7 @@ __all__ = [
     "group_metadata",
     "read_metadata",
     "write_document",
+    "write_file",
     "write_plain_chunks",
 ]
 
@@ -91,10 +92,25 @@ def document(meta: ArrayV3Metadata | GroupMetadata) -> bytes:
     return meta.to_buffer_dict(default_buffer_prototype())[_DOC].to_bytes()
 
 
-def write_document(node: Path, meta: ArrayV3Metadata | GroupMetadata) -> None:
+def write_file(path: Path, data: bytes, *, atomic: bool = False) -> None:
+    """Write ``data`` to ``path``; ``atomic``: through a temporary file, never half-written.
+
+    Every file of this module is written here (where tests plant faults of the disk).
+    """
+    if not atomic:
+        path.write_bytes(data)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def write_document(
+    node: Path, meta: ArrayV3Metadata | GroupMetadata, *, atomic: bool = False
+) -> None:
     """Write ``meta`` as the ``zarr.json`` of the node at folder ``node`` (made if missing)."""
     node.mkdir(parents=True, exist_ok=True)
-    (node / _DOC).write_bytes(document(meta))
+    write_file(node / _DOC, document(meta), atomic=atomic)
 
 
 def read_metadata(node: Path) -> ArrayV3Metadata | GroupMetadata:
@@ -126,4 +142,4 @@ def write_plain_chunks(node: Path, meta: ArrayV3Metadata, values: np.ndarray) ->
         chunk[tuple(slice(0, n) for n in part.shape)] = part
         path = node / meta.encode_chunk_key(tuple(int(k) for k in starts))
         os.makedirs(path.parent, exist_ok=True)
-        path.write_bytes(chunk.tobytes())
+        write_file(path, chunk.tobytes())

@@ -39,7 +39,6 @@ from ..errors import IncompleteStoreError, StoreError, StoreReadError
 from .lock import LOCK_NAME
 from .nodes import (
     array_metadata,
-    document,
     group_metadata,
     read_metadata,
     write_document,
@@ -253,9 +252,7 @@ class RunStore:
         # complete and consolidated in one write of the root document (never one without the
         # other), as zarr.consolidate_metadata writes it over the nodes left
         attrs = {**root.attributes, ATTR: _jsonable(meta)}
-        tmp = self.path / "zarr.json.tmp"
-        tmp.write_bytes(document(group_metadata(attrs, consolidated=nodes)))
-        os.replace(tmp, self.path / "zarr.json")
+        write_document(self.path, group_metadata(attrs, consolidated=nodes), atomic=True)
         self._group, self._written = None, True  # reopened when needed
 
 
