@@ -29,6 +29,7 @@ __all__ = [
     "array_metadata",
     "document",
     "group_metadata",
+    "read_attributes",
     "read_metadata",
     "write_document",
     "write_file",
@@ -119,6 +120,14 @@ def read_metadata(node: Path) -> ArrayV3Metadata | GroupMetadata:
     if data.get("node_type") == "array":
         return ArrayV3Metadata.from_dict(data)
     return GroupMetadata.from_dict(data)
+
+
+def read_attributes(node: Path) -> dict[str, Any]:
+    """The attributes of the node at folder ``node``, as ``zarr.open_group(...).attrs``."""
+    data = json.loads((node / _DOC).read_bytes())
+    if data.get("zarr_format") != 3 or data.get("node_type") != "group":
+        raise ValueError(f"{str(node)!r} holds no Zarr v3 group")
+    return dict(data.get("attributes") or {})
 
 
 def write_plain_chunks(node: Path, meta: ArrayV3Metadata, values: np.ndarray) -> None:

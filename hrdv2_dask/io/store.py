@@ -40,6 +40,7 @@ from .lock import LOCK_NAME
 from .nodes import (
     array_metadata,
     group_metadata,
+    read_attributes,
     read_metadata,
     write_document,
     write_plain_chunks,
@@ -471,6 +472,9 @@ def publish_metadata(store: str | os.PathLike) -> None:
     _consolidate(path)
 
 
+_COORD_NAMES = ("y", "x", "y_phys", "x_phys")
+
+
 def open_features(store: str | os.PathLike) -> xr.DataArray:
     """Open a feature store lazily as an :class:`xarray.DataArray`.
 
@@ -497,7 +501,7 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
     if not (path / "zarr.json").exists():
         raise StoreError(f"{str(path)!r} is not a Zarr v3 feature store (no zarr.json).")
     try:
-        meta = zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict().get(ATTR)
+        meta = read_attributes(path).get(ATTR)
     except Exception as err:  # noqa: BLE001 - an unreadable zarr.json, whatever the reason
         raise _damaged(path, "its metadata file zarr.json cannot be read", err) from err
     if not isinstance(meta, dict):
@@ -511,7 +515,14 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
         # a run holding the writer lock (e.g. one about to --overwrite): not a Zarr node
         warnings.filterwarnings("ignore", f"Object at {LOCK_NAME} is not recognized")
         try:
-            ds = xr.open_zarr(path, consolidated=False, zarr_format=3, mask_and_scale=False)
+            # the stored coordinates are not read: they are computed below (the same values)
+            ds = xr.open_zarr(
+                path,
+                consolidated=False,
+                zarr_format=3,
+                mask_and_scale=False,
+                drop_variables=_COORD_NAMES,
+            )
             arr = ds[FEATURES]
         except Exception as err:  # noqa: BLE001 - a missing or damaged features/zarr.json
             raise _damaged(path, f"its array {FEATURES!r} cannot be opened", err) from err
