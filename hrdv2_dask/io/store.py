@@ -285,6 +285,17 @@ class BlockWriter:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = str(path)
+        self._arrays: dict[str, Any] | None = None  # opened at the first write, then kept
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
+    def _open(self) -> dict[str, Any]:
+        if self._arrays is None:
+            group = zarr.open_group(self.path, mode="r+", zarr_format=3)
+            run = group[RUN]
+            self._arrays = {FEATURES: group[FEATURES], **dict(run.arrays())}
+        return self._arrays
 
     def write_block(
         self,
@@ -300,14 +311,14 @@ class BlockWriter:
 
         Chunks of ``chunk`` cells that no computed window ``reached`` (a ``(rows, cols)`` bool
         array) stay unwritten and read as the fill value (NaN). ``halo`` maps the strip names
-        (``bottom``, ``right``, ``corner``) to the strips that later blocks need.
+        (``bottom``, ``right``, ``corner``) to the strips that later blocks need. One writer
+        can write several blocks of a store (the arrays are opened once).
         """
-        group = zarr.open_group(self.path, mode="r+", zarr_format=3)
-        _write_chunks(group[FEATURES], values, reached, origin, chunk)
-        run = group[RUN]
+        arrays = self._open()
+        _write_chunks(arrays[FEATURES], values, reached, origin, chunk)
         for name, strip in halo.items():
-            run[f"halo_{name}"][block] = strip
-        run["done"][block] = 1
+            arrays[f"halo_{name}"][block] = strip
+        arrays["done"][block] = 1
 
     def saved_halo(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
         """The strips of ``block`` written by an earlier, interrupted run."""

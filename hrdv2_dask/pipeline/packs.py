@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.store import BlockWriter
 from .faults import is_store_fault
 from .graph import BlockPlan, block_windows_count, load_block_halo, run_block
 
@@ -71,6 +72,7 @@ def member_windows(plan: BlockPlan, done: np.ndarray | None = None) -> int:
 def _run_member(member: PackedMember, backbone: Any) -> None:
     """Every block of one member not done, in the block graph's wavefront order."""
     plan = member.plan
+    writer = BlockWriter(plan.store_path)  # its arrays opened once for all its blocks
     halos: dict[tuple[int, int], dict] = {}
     for jb in range(plan.n_blocks[0]):
         for ib in range(plan.n_blocks[1]):
@@ -88,6 +90,7 @@ def _run_member(member: PackedMember, backbone: Any) -> None:
                 backbone=backbone,
                 token_bias=member.token_bias,
                 topic=member.topic,
+                writer=writer,
             )
             halos.pop((jb - 1, ib - 1), None)  # no later block reads it
 
