@@ -19,6 +19,7 @@ gives the array :func:`open_features` gives, without a warning.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
@@ -34,6 +35,7 @@ import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec
 from zarr.core.metadata.v3 import ArrayV3Metadata
+from zarr.core.sync import sync
 
 from ..errors import IncompleteStoreError, StoreError, StoreReadError
 from .lock import LOCK_NAME
@@ -315,10 +317,9 @@ class BlockWriter:
         can write several blocks of a store (the arrays are opened once).
         """
         arrays = self._open()
-        _write_chunks(arrays[FEATURES], values, reached, origin, chunk)
-        for name, strip in halo.items():
-            arrays[f"halo_{name}"][block] = strip
-        arrays["done"][block] = 1
+        writes = _chunk_writes(arrays[FEATURES], values, reached, origin, chunk)
+        writes += [(arrays[f"halo_{name}"], block, strip) for name, strip in halo.items()]
+        _write_all(writes, [(arrays["done"], block, np.uint8(1))])
 
     def saved_halo(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
         """The strips of ``block`` written by an earlier, interrupted run."""
@@ -328,10 +329,11 @@ class BlockWriter:
         return {name: run[f"halo_{name}"][block] for name in names}
 
 
-def _write_chunks(
+def _chunk_writes(
     array, values: np.ndarray, reached: np.ndarray, origin: tuple[int, int], chunk: int
-) -> None:
-    """Write a block's values, leaving out the chunks that no computed window reached.
+) -> list[tuple[Any, tuple[slice, ...], np.ndarray]]:
+    """``(array, region, values)`` writes of a block's values, leaving out the chunks that no
+    computed window reached.
 
     Zarr's own check for empty chunks (a comparison of every chunk with NaN, slow in float16)
     is switched off: it would find none.
@@ -339,13 +341,31 @@ def _write_chunks(
     array = array.with_config({"write_empty_chunks": True})
     y0, x0 = origin
     if reached.all():
-        array[:, y0 : y0 + values.shape[1], x0 : x0 + values.shape[2]] = values
-        return
+        region = (slice(None), slice(y0, y0 + values.shape[1]), slice(x0, x0 + values.shape[2]))
+        return [(array, region, values)]
+    writes = []
     for r in range(0, values.shape[1], chunk):
         for c in range(0, values.shape[2], chunk):
             if reached[r : r + chunk, c : c + chunk].any():
                 part = values[:, r : r + chunk, c : c + chunk]
-                array[:, y0 + r : y0 + r + part.shape[1], x0 + c : x0 + c + part.shape[2]] = part
+                region = (
+                    slice(None),
+                    slice(y0 + r, y0 + r + part.shape[1]),
+                    slice(x0 + c, x0 + c + part.shape[2]),
+                )
+                writes.append((array, region, part))
+    return writes
+
+
+def _write_all(*stages: list[tuple[Any, Any, np.ndarray]]) -> None:
+    """Each stage's writes concurrently, the stages in order, in one trip to Zarr's event loop
+    (a block's chunks and strips, then its ``done`` flag)."""
+
+    async def run() -> None:
+        for writes in stages:
+            await asyncio.gather(*(a._async_array.setitem(k, v) for a, k, v in writes))
+
+    sync(run())
 
 
 def feature_coords(
