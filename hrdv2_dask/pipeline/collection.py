@@ -37,7 +37,7 @@ from .faults import is_store_fault, run_faults
 from .graph import SourceReader
 from .members import Member, list_members
 from .packs import PACK_WINDOWS, Pack, PackedMember, member_windows, run_pack
-from .plan import RunPlan, transform_set
+from .plan import RunPlan, check_settings, transform_set
 from .workers import backbone_on_workers, progress_topic
 
 __all__ = ["extract_collection", "shared_value_range"]
@@ -171,6 +171,9 @@ def extract_collection(
         features, cluster, device, embedded=embedded, store=store
     )
     probe = _plan_probe(features, facts, transforms)
+    # settings that no member can use fail here, once, before anything is written (a store
+    # written with them would refuse the rerun with fixed settings as "other settings")
+    check_settings(features, facts, probe)
     # As for one image: one writer at a time, --overwrite never deletes a store a live run
     # holds, and a fault of the store (no space, read-only...) ends the run in one line.
     with (
