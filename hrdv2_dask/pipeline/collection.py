@@ -347,6 +347,9 @@ def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress, 
         packed = dask.delayed(run_pack, pure=False)
         task = packed(pack, backbone=backbone, dask_key_name=f"hrdv2-pack-{uuid.uuid4().hex[:12]}")
         tasks.add(client.compute([task], **compute_kw), [tuple(pending)], [sum(windows)], True)
+        log.debug(
+            "packed %s (%d windows)", ", ".join(jobs[n].member.key for n in pending), sum(windows)
+        )
         pending.clear()
 
     compute_kw = dict(optimize_graph=False, resources=resources)
