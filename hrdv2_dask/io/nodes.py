@@ -27,6 +27,7 @@ from zarr.core.metadata.v3 import ArrayV3Metadata
 
 __all__ = [
     "array_metadata",
+    "array_node",
     "document",
     "group_metadata",
     "read_attributes",
@@ -73,6 +74,24 @@ def array_metadata(
     )
 
 
+_NODES: dict[str, tuple[ArrayV3Metadata, bytes]] = {}
+
+
+def array_node(**options: Any) -> tuple[ArrayV3Metadata, bytes]:
+    """``(metadata, zarr.json bytes)`` of :func:`array_metadata` with ``options``, kept for
+    the next store: a collection's members have arrays of the same options (their halo
+    strips, ``done`` flags, coordinates of images of one size)."""
+    key = repr(sorted(options.items()))
+    hit = _NODES.get(key)
+    if hit is None:
+        meta = array_metadata(**options)
+        hit = (meta, document(meta))
+        if len(_NODES) >= 256:
+            _NODES.clear()
+        _NODES[key] = hit
+    return hit
+
+
 def group_metadata(
     attributes: dict[str, Any] | None = None,
     consolidated: Mapping[str, ArrayV3Metadata | GroupMetadata] | None = None,
@@ -107,11 +126,16 @@ def write_file(path: Path, data: bytes, *, atomic: bool = False) -> None:
 
 
 def write_document(
-    node: Path, meta: ArrayV3Metadata | GroupMetadata, *, atomic: bool = False
+    node: Path,
+    meta: ArrayV3Metadata | GroupMetadata,
+    *,
+    atomic: bool = False,
+    data: bytes | None = None,
 ) -> None:
-    """Write ``meta`` as the ``zarr.json`` of the node at folder ``node`` (made if missing)."""
+    """Write ``meta`` (its document ``data`` where known) as the ``zarr.json`` of the node at
+    folder ``node`` (made if missing)."""
     node.mkdir(parents=True, exist_ok=True)
-    write_file(node / _DOC, document(meta), atomic=atomic)
+    write_file(node / _DOC, document(meta) if data is None else data, atomic=atomic)
 
 
 def read_metadata(node: Path) -> ArrayV3Metadata | GroupMetadata:

@@ -40,7 +40,7 @@ from zarr.core.sync import sync
 from ..errors import IncompleteStoreError, StoreError, StoreReadError
 from .lock import LOCK_NAME
 from .nodes import (
-    array_metadata,
+    array_node,
     group_metadata,
     read_attributes,
     read_metadata,
@@ -183,36 +183,35 @@ class RunStore:
         # round trips); "done" last: a store without it was interrupted while being created.
         meta = {"settings": self.settings, "provenance": _jsonable(provenance), "complete": False}
         write_document(self.path, group_metadata({ATTR: meta}))
-        write_document(
+        _write_array(
             self.path / FEATURES,
-            array_metadata(
-                shape=shape,
-                chunks=chunks,
-                dtype=dtype,
-                compressors=_COMPRESSORS,
-                dimension_names=("feature", "y", "x"),
-                fill_value=np.nan,
-            ),
+            shape=tuple(shape),
+            chunks=tuple(chunks),
+            dtype=dtype,
+            compressors=_COMPRESSORS,
+            dimension_names=("feature", "y", "x"),
+            fill_value=np.nan,
         )
         write_document(self.path / RUN, group_metadata())
         for name, hshape in halo_shapes.items():
-            write_document(
+            _write_array(
                 self.path / RUN / f"halo_{name}",
-                array_metadata(
-                    shape=(*blocks, *hshape),
-                    chunks=(1, 1, *hshape),
-                    dtype="float32",
-                    compressors=_COMPRESSORS,
-                    fill_value=0.0,
-                ),
+                shape=(*blocks, *hshape),
+                chunks=(1, 1, *hshape),
+                dtype="float32",
+                compressors=_COMPRESSORS,
+                fill_value=0.0,
             )
         if saved:
             run = zarr.open_group(self.path / RUN, mode="r+", zarr_format=3)
             for name, values in saved.items():
                 run.create_array(name, data=np.ascontiguousarray(values), compressors=_COMPRESSORS)
-        write_document(
+        _write_array(
             self.path / RUN / "done",
-            array_metadata(shape=blocks, chunks=(1, 1), dtype="uint8", fill_value=0),
+            shape=tuple(blocks),
+            chunks=(1, 1),
+            dtype="uint8",
+            fill_value=0,
         )
         self._group, self._written = None, True
 
@@ -257,6 +256,13 @@ class RunStore:
         attrs = {**root.attributes, ATTR: _jsonable(meta)}
         write_document(self.path, group_metadata(attrs, consolidated=nodes), atomic=True)
         self._group, self._written = None, True  # reopened when needed
+
+
+def _write_array(node: Path, **options: Any) -> ArrayV3Metadata:
+    """Write the document of an array (:func:`~hrdv2_dask.io.nodes.array_node` options)."""
+    meta, data = array_node(**options)
+    write_document(node, meta, data=data)
+    return meta
 
 
 def _created(group: zarr.Group) -> bool:
@@ -449,15 +455,15 @@ def _write_plain_metadata(path: Path, meta: dict[str, Any]) -> dict[str, ArrayV3
     for name, var in coords.items():
         if (path / name).exists():
             shutil.rmtree(path / name)
-        written[name] = array_metadata(
+        written[name] = _write_array(
+            path / name,
             shape=var.shape,
-            dtype=var.dtype,
+            dtype=str(var.dtype),
             dimension_names=var.dims,
             compressors=None,
             fill_value=np.nan,
             attributes=var.attrs,
         )
-        write_document(path / name, written[name])
         write_plain_chunks(path / name, written[name], var.values)
     extra = [name for name in coords if name not in ("y", "x")]
     attrs = feature_attrs(settings, prov)
