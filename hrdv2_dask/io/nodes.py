@@ -30,10 +30,12 @@ __all__ = [
     "array_node",
     "document",
     "group_metadata",
+    "is_plain",
     "read_attributes",
     "read_metadata",
     "write_document",
     "write_file",
+    "write_plain_chunk",
     "write_plain_chunks",
 ]
 
@@ -154,25 +156,45 @@ def read_attributes(node: Path) -> dict[str, Any]:
     return dict(data.get("attributes") or {})
 
 
-def write_plain_chunks(node: Path, meta: ArrayV3Metadata, values: np.ndarray) -> None:
-    """Write ``values`` into the array at ``node`` whose only codec is ``bytes`` (no
-    compression), as Zarr does: whole chunks, the last padded with the fill value, chunks
-    that hold only the fill value left out."""
+def is_plain(meta: ArrayV3Metadata) -> bool:
+    """Whether the array's only codec is ``bytes`` (no compression): its chunks are its values."""
+    return len(meta.codecs) == 1 and meta.codecs[0].to_dict()["name"] == "bytes"
+
+
+def _encoded(meta: ArrayV3Metadata, part: np.ndarray) -> bytes:
+    """One whole chunk of ``meta`` holding ``part`` (padded with the fill value), as bytes."""
     (codec,) = meta.codecs
-    if codec.to_dict()["name"] != "bytes" or not isinstance(meta.fill_value, np.floating):
-        raise ValueError("write_plain_chunks writes uncompressed float arrays only")
     order = "<" if codec.endian is None or codec.endian.value == "little" else ">"
-    dtype = np.dtype(values.dtype).newbyteorder(order)
+    shape = meta.chunk_grid.chunk_shape
+    if part.shape == tuple(shape):
+        return np.ascontiguousarray(part, dtype=np.dtype(part.dtype).newbyteorder(order)).tobytes()
+    chunk = np.full(shape, meta.fill_value, dtype=np.dtype(part.dtype).newbyteorder(order))
+    chunk[tuple(slice(0, n) for n in part.shape)] = part
+    return chunk.tobytes()
+
+
+def write_plain_chunk(
+    node: Path, meta: ArrayV3Metadata, coords: tuple[int, ...], values: np.ndarray
+) -> None:
+    """Write chunk ``coords`` of the uncompressed (:func:`is_plain`) array at ``node``."""
+    if not is_plain(meta):
+        raise ValueError("write_plain_chunk writes uncompressed arrays only")
+    path = node / meta.encode_chunk_key(tuple(int(k) for k in coords))
+    os.makedirs(path.parent, exist_ok=True)
+    write_file(path, _encoded(meta, np.asarray(values, dtype=meta.data_type.to_native_dtype())))
+
+
+def write_plain_chunks(node: Path, meta: ArrayV3Metadata, values: np.ndarray) -> None:
+    """Write ``values`` into the uncompressed float array at ``node`` as Zarr does: whole
+    chunks, the last padded with the fill value, chunks that hold only the fill value left
+    out."""
+    if not is_plain(meta) or not isinstance(meta.fill_value, np.floating):
+        raise ValueError("write_plain_chunks writes uncompressed float arrays only")
     shape = meta.chunk_grid.chunk_shape
     grid = [range(0, n, c) for n, c in zip(values.shape, shape, strict=True)]
     for starts in np.ndindex(*(len(g) for g in grid)):
         origin = [g[k] for g, k in zip(grid, starts, strict=True)]
-        region = tuple(slice(o, o + c) for o, c in zip(origin, shape, strict=True))
-        part = values[region]
+        part = values[tuple(slice(o, o + c) for o, c in zip(origin, shape, strict=True))]
         if np.isnan(meta.fill_value) and np.isnan(part).all():
             continue
-        chunk = np.full(shape, meta.fill_value, dtype=dtype)
-        chunk[tuple(slice(0, n) for n in part.shape)] = part
-        path = node / meta.encode_chunk_key(tuple(int(k) for k in starts))
-        os.makedirs(path.parent, exist_ok=True)
-        write_file(path, chunk.tobytes())
+        write_plain_chunk(node, meta, starts, part)

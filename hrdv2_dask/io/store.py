@@ -5,7 +5,8 @@ Layout of a store::
     store.zarr/
       features        (feature, y, x) array, dims named, compressed chunks
       _run/done       (block_y, block_x) uint8: 1 once a block's chunks and halo strips are written
-      _run/halo_*     float32 halo strips passed between neighbouring blocks (for resume)
+      _run/halo_*     float32 halo strips passed between neighbouring blocks (for resume;
+                      uncompressed, like _run/done: block tasks write their chunks as files)
       _run/token_bias the positional artefact subtracted from every window (with ``debias``)
       y, x            pixel centres of the output cells (written when the run completes)
       y_phys, x_phys  the same in physical units, where the source has a pixel size
@@ -42,9 +43,11 @@ from .lock import LOCK_NAME
 from .nodes import (
     array_node,
     group_metadata,
+    is_plain,
     read_attributes,
     read_metadata,
     write_document,
+    write_plain_chunk,
     write_plain_chunks,
 )
 
@@ -194,12 +197,14 @@ class RunStore:
         )
         write_document(self.path / RUN, group_metadata())
         for name, hshape in halo_shapes.items():
+            # uncompressed, as the done flags: bookkeeping that a block task writes itself
+            # as files, without a trip to Zarr's loop (dropped when the run completes)
             _write_array(
                 self.path / RUN / f"halo_{name}",
                 shape=(*blocks, *hshape),
                 chunks=(1, 1, *hshape),
                 dtype="float32",
-                compressors=_COMPRESSORS,
+                compressors=None,
                 fill_value=0.0,
             )
         if saved:
@@ -211,6 +216,7 @@ class RunStore:
             shape=tuple(blocks),
             chunks=(1, 1),
             dtype="uint8",
+            compressors=None,
             fill_value=0,
         )
         self._group, self._written = None, True
@@ -323,9 +329,22 @@ class BlockWriter:
         can write several blocks of a store (the arrays are opened once).
         """
         arrays = self._open()
-        writes = _chunk_writes(arrays[FEATURES], values, reached, origin, chunk)
-        writes += [(arrays[f"halo_{name}"], block, strip) for name, strip in halo.items()]
-        _write_all(writes, [(arrays["done"], block, np.uint8(1))])
+        _write_all(_chunk_writes(arrays[FEATURES], values, reached, origin, chunk))
+        strips = [(f"halo_{name}", strip) for name, strip in halo.items()]
+        for name, part in [*strips, ("done", np.uint8(1))]:  # done last
+            self._write_run_chunk(arrays[name], name, block, part)
+
+    def _write_run_chunk(self, array, name: str, block: tuple[int, int], part) -> None:
+        """Chunk ``block`` (all of ``block``'s part) of a bookkeeping array: written as a file
+        where it is uncompressed (stores created by this version), else through Zarr (a store
+        of an older version, resumed)."""
+        if not is_plain(array.metadata):
+            array[block] = part
+            return
+        shape = array.metadata.chunk_grid.chunk_shape
+        coords = (*block, *(0,) * (len(shape) - 2))
+        values = np.broadcast_to(np.asarray(part), shape[2:]).reshape(shape)
+        write_plain_chunk(Path(self.path) / RUN / name, array.metadata, coords, values)
 
     def saved_halo(self, block: tuple[int, int]) -> dict[str, np.ndarray]:
         """The strips of ``block`` written by an earlier, interrupted run."""

@@ -7,7 +7,13 @@ import pytest
 import zarr
 
 from hrdv2_dask.io.nodes import array_metadata, write_document, write_plain_chunks
-from hrdv2_dask.io.store import _COMPRESSORS, RunStore, _store_coords, feature_attrs
+from hrdv2_dask.io.store import (
+    _COMPRESSORS,
+    BlockWriter,
+    RunStore,
+    _store_coords,
+    feature_attrs,
+)
 
 SETTINGS = {"model": "m", "out_stride": 2, "block": 1}
 PROV = {"source": {"shape": [200, 300, 3], "pixel_size": [0.5, 0.25], "unit": "micrometer"}}
@@ -41,11 +47,13 @@ def _with_zarr(path, bias) -> None:
             shape=(*BLOCKS, *hshape),
             chunks=(1, 1, *hshape),
             dtype="float32",
-            compressors=_COMPRESSORS,
+            compressors=None,  # bookkeeping, written by the block tasks as files
             fill_value=0.0,
         )
     run.create_array("token_bias", data=bias, compressors=_COMPRESSORS)
-    run.create_array("done", shape=BLOCKS, chunks=(1, 1), dtype="uint8", fill_value=0)
+    run.create_array(
+        "done", shape=BLOCKS, chunks=(1, 1), dtype="uint8", compressors=None, fill_value=0
+    )
     created = _files(path)
     coords = _store_coords(SETTINGS, PROV, SHAPE[1:])
     for name, var in coords.items():
@@ -85,6 +93,68 @@ def test_create_and_finish_write_the_bytes_zarr_writes(tmp_path):
     ours, theirs = _files(tmp_path / "nodes"), _files(tmp_path / "zarr")
     assert sorted(ours) == sorted(theirs) and len(ours) == 1 + 1 + 4 * 2  # root, features, 4 coords
     assert ours == theirs
+
+
+def test_block_writes_read_back_through_zarr(tmp_path):
+    store = RunStore(tmp_path / "s", settings=SETTINGS)
+    store.create(
+        provenance=PROV,
+        shape=SHAPE,
+        chunks=CHUNKS,
+        dtype="float16",
+        blocks=BLOCKS,
+        halo_shapes=HALOS,
+    )
+    rng = np.random.default_rng(0)
+    halo = {k: rng.random(v).astype(np.float32) for k, v in HALOS.items()}
+    values = rng.random((8, 36, 22)).astype(np.float16)  # the bottom-right block, clipped
+    writer = BlockWriter(tmp_path / "s")
+    writer.write_block(
+        (1, 2), values, np.ones((64, 64), bool), origin=(64, 128), chunk=64, halo=halo
+    )
+    saved = writer.saved_halo((1, 2))
+    assert sorted(saved) == sorted(HALOS)
+    for name, strip in halo.items():
+        np.testing.assert_array_equal(saved[name], strip)
+    assert not writer.saved_halo((0, 0))["bottom"].any()  # never written: the fill value
+    assert store.done_blocks().tolist() == [[False, False, False], [False, False, True]]
+    group = zarr.open_group(tmp_path / "s", mode="r")
+    np.testing.assert_array_equal(group["features"][:, 64:, 128:], values)
+
+
+def test_a_store_of_an_older_version_resumes_through_zarr(tmp_path):
+    """Its bookkeeping arrays are compressed: the block tasks write them through Zarr."""
+    store = RunStore(tmp_path / "s", settings=SETTINGS)
+    store.create(
+        provenance=PROV,
+        shape=SHAPE,
+        chunks=CHUNKS,
+        dtype="float16",
+        blocks=BLOCKS,
+        halo_shapes=HALOS,
+    )
+    run = zarr.open_group(tmp_path / "s" / "_run", mode="r+")
+    for name, hshape in HALOS.items():
+        run.create_array(
+            f"halo_{name}",
+            shape=(*BLOCKS, *hshape),
+            chunks=(1, 1, *hshape),
+            dtype="float32",
+            compressors=_COMPRESSORS,
+            fill_value=0.0,
+            overwrite=True,
+        )
+    run.create_array(
+        "done", shape=BLOCKS, chunks=(1, 1), dtype="uint8", fill_value=0, overwrite=True
+    )
+    halo = {k: np.full(v, 0.5, np.float32) for k, v in HALOS.items()}
+    writer = BlockWriter(tmp_path / "s")
+    ones = np.ones((64, 64), bool)
+    writer.write_block(
+        (0, 1), np.ones((8, 64, 64), np.float16), ones, origin=(0, 64), chunk=64, halo=halo
+    )
+    assert all((writer.saved_halo((0, 1))[k] == 0.5).all() for k in HALOS)
+    assert store.done_blocks().sum() == 1 and store.done_blocks()[0, 1]
 
 
 @pytest.mark.parametrize("n", [5, 130_001])
