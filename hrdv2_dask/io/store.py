@@ -34,6 +34,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 import zarr
+from dask.array.core import normalize_chunks
 from zarr.codecs import BloscCodec
 from zarr.core.metadata.v3 import ArrayV3Metadata
 from zarr.core.sync import sync
@@ -528,9 +529,6 @@ def publish_metadata(store: str | os.PathLike) -> None:
     _consolidate(path)
 
 
-_COORD_NAMES = ("y", "x", "y_phys", "x_phys")
-
-
 def open_features(store: str | os.PathLike) -> xr.DataArray:
     """Open a feature store lazily as an :class:`xarray.DataArray`.
 
@@ -567,37 +565,36 @@ def open_features(store: str | os.PathLike) -> xr.DataArray:
             f"Feature store {str(path)!r} is incomplete: its run did not finish. Rerun the same "
             "command to resume it, or use --overwrite to start again."
         )
-    with warnings.catch_warnings():
-        # a run holding the writer lock (e.g. one about to --overwrite): not a Zarr node
-        warnings.filterwarnings("ignore", f"Object at {LOCK_NAME} is not recognized")
-        try:
-            # the stored coordinates are not read: they are computed below (the same values)
-            ds = xr.open_zarr(
-                path,
-                consolidated=False,
-                zarr_format=3,
-                mask_and_scale=False,
-                drop_variables=_COORD_NAMES,
-            )
-            arr = ds[FEATURES]
-        except Exception as err:  # noqa: BLE001 - a missing or damaged features/zarr.json
-            raise _damaged(path, f"its array {FEATURES!r} cannot be opened", err) from err
+    try:
+        # Built from the array's document, not through xarray.open_zarr (which reads every
+        # node, then these values would be replaced): what open_zarr gives, ~5x faster, and a
+        # collection opens one store per member.
+        features = read_metadata(path / FEATURES)
+        dims = tuple(features.dimension_names or ())
+        if features.node_type != "array" or dims != ("feature", "y", "x"):
+            raise ValueError(f"not a (feature, y, x) array: {features.node_type} {dims}")
+    except Exception as err:  # noqa: BLE001 - a missing or damaged features/zarr.json
+        raise _damaged(path, f"its array {FEATURES!r} cannot be opened", err) from err
+    shape = tuple(int(n) for n in features.shape)
+    dtype = features.data_type.to_native_dtype()
     # every chunk exists in a store computed without a mask: a missing one is damage, not NaN
-    chunks = StoreChunks(
-        path, arr.shape, arr.dtype, all_written=meta["settings"].get("mask") is None
-    )
-    arr = arr.copy(
-        data=da.from_array(
-            chunks, chunks=arr.data.chunks, meta=np.empty((0,) * 3, arr.dtype), inline_array=True
-        )
+    chunks = StoreChunks(path, shape, dtype, all_written=meta["settings"].get("mask") is None)
+    data = da.from_array(
+        chunks,
+        chunks=normalize_chunks(features.chunk_grid.chunk_shape, shape),  # Zarr's chunks
+        meta=np.empty((0,) * 3, dtype),
+        inline_array=True,
     )
     settings, prov = meta["settings"], meta.get("provenance", {})
     # Computed, not read: the same for stores written before the coordinates were stored;
     # the stored arrays hold these values (a test holds the two to each other).
-    arr = arr.assign_coords(_store_coords(settings, prov, (arr.sizes["y"], arr.sizes["x"])))
-    arr.attrs = feature_attrs(settings, prov)
-    arr.name = FEATURES
-    return arr
+    return xr.DataArray(
+        data,
+        dims=dims,
+        coords=_store_coords(settings, prov, shape[1:]),
+        attrs=feature_attrs(settings, prov),
+        name=FEATURES,
+    )
 
 
 _RECOMPUTE = (
