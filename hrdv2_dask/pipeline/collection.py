@@ -1,7 +1,8 @@
 """``extract_collection``: many images (a stack, a folder, a list) in one run and one graph.
 
-One cluster, one model per worker, and the block tasks of every member submitted together to
-one :meth:`~hrdv2_dask.pipeline.execute.Run.gather`, so small images share the workers. Each
+One cluster, one model per worker, and the tasks of every member submitted together to one
+:meth:`~hrdv2_dask.pipeline.execute.Run.gather`; small images are computed several to a task
+(:mod:`~hrdv2_dask.pipeline.packs`), larger ones by their own block graphs. Each
 member is planned as :func:`~hrdv2_dask.extract` plans one image and written to its own
 complete feature store inside the collection (:mod:`hrdv2_dask.io.collection`). A member that
 cannot be read, planned or computed is recorded ``failed`` with its one-line error; the others
