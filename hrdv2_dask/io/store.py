@@ -389,7 +389,7 @@ def _write_all(*stages: list[tuple[Any, Any, np.ndarray]]) -> None:
 
     async def run() -> None:
         for writes in stages:
-            await asyncio.gather(*(a._async_array.setitem(k, v) for a, k, v in writes))
+            await asyncio.gather(*(a.async_array.setitem(k, v) for a, k, v in writes))
 
     sync(run())
 
