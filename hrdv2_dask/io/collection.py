@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import xarray as xr
-import zarr
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.group import ConsolidatedMetadata
 
 from ..errors import StoreError
-from .store import ATTR, _check_target, _clear, open_features, publish_metadata
+from .nodes import group_metadata, read_attributes, read_metadata, write_document
+from .store import ATTR, _check_target, _clear, is_consolidated, open_features, publish_metadata
 
 __all__ = [
     "COLLECTION",
@@ -65,8 +64,8 @@ def _jsonable(value: Any) -> Any:
 def _root_attrs(path: Path) -> dict[str, Any] | None:
     if not (path / "zarr.json").exists():
         return None
-    try:
-        return zarr.open_group(path, mode="r", zarr_format=3).attrs.asdict()
+    try:  # the document itself, not through Zarr: a collection reads one per member
+        return read_attributes(path)
     except Exception as err:  # noqa: BLE001 - any unreadable store is the same problem
         raise StoreError(f"Cannot open existing store {str(path)!r}: {err}") from err
 
@@ -149,7 +148,7 @@ class CollectionStore:
             return
         if self.overwrite and self.path.exists():
             _clear(self.path)  # but the writer lock, held by the run that replaces it
-        zarr.open_group(self.path, mode="a", zarr_format=3)
+        self.path.mkdir(parents=True, exist_ok=True)
         self.exists = True
         self._write()
 
@@ -169,15 +168,14 @@ class CollectionStore:
         self._write()
 
     def _write(self) -> None:
-        # not consolidated: the consolidation is dropped until the run ends (consolidate)
-        group = zarr.open_group(self.path, mode="r+", zarr_format=3, use_consolidated=False)
-        group.attrs.put(
-            {
-                COLLECTION: {"format": _FORMAT},
-                "settings": self.settings,
-                "members": list(self.rows.values()),
-            }
-        )
+        # not consolidated: the consolidation is dropped until the run ends (consolidate); a
+        # document written whole as a file (the bytes Zarr's attrs.put writes, io.nodes)
+        attrs = {
+            COLLECTION: {"format": _FORMAT},
+            "settings": self.settings,
+            "members": list(self.rows.values()),
+        }
+        write_document(self.path, group_metadata(_jsonable(attrs)), atomic=True)
 
     def consolidate(self) -> None:
         """Consolidate the root's metadata over the ``done`` members (call when a run ends).
@@ -191,19 +189,12 @@ class CollectionStore:
             path = self.member_path(key)
             if row.get("status") != "done" or not (path / "zarr.json").exists():
                 continue
-            publish_metadata(path)
-            nodes[key] = zarr.open_group(path, mode="r", zarr_format=3, use_consolidated=True)
-        root = zarr.open_group(self.path, mode="r", zarr_format=3, use_consolidated=False)
-        meta = dataclasses.replace(
-            root.metadata,
-            consolidated_metadata=ConsolidatedMetadata(
-                metadata={key: group.metadata for key, group in nodes.items()}
-            ),
-        )
-        blob = meta.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes()
-        tmp = self.path / "zarr.json.tmp"
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.path / "zarr.json")  # never a half-written root
+            if not is_consolidated(path):
+                publish_metadata(path)
+            nodes[key] = read_metadata(path)  # its document, consolidated: one file read
+        root = read_metadata(self.path)
+        meta = dataclasses.replace(root, consolidated_metadata=ConsolidatedMetadata(metadata=nodes))
+        write_document(self.path, meta, atomic=True)  # never a half-written root
 
 
 def read_members(store: str | os.PathLike) -> list[dict[str, Any]]:

@@ -1,7 +1,8 @@
 """``extract_collection``: many images (a stack, a folder, a list) in one run and one graph.
 
-One cluster, one model per worker, and the block tasks of every member submitted together to
-one :meth:`~hrdv2_dask.pipeline.execute.Run.gather`, so small images share the workers. Each
+One cluster, one model per worker, and the tasks of every member submitted together to one
+:meth:`~hrdv2_dask.pipeline.execute.Run.gather`; small images are computed several to a task
+(:mod:`~hrdv2_dask.pipeline.packs`), larger ones by their own block graphs. Each
 member is planned as :func:`~hrdv2_dask.extract` plans one image and written to its own
 complete feature store inside the collection (:mod:`hrdv2_dask.io.collection`). A member that
 cannot be read, planned or computed is recorded ``failed`` with its one-line error; the others
@@ -15,7 +16,8 @@ import inspect
 import logging
 import os
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import dask
@@ -35,7 +37,8 @@ from .extraction import _plan, deployment, load_recipe, prepare_blocks, split_op
 from .faults import is_store_fault, run_faults
 from .graph import SourceReader
 from .members import Member, list_members
-from .plan import RunPlan, transform_set
+from .packs import PACK_WINDOWS, Pack, PackedMember, member_windows, run_pack
+from .plan import RunPlan, check_settings, transform_set
 from .workers import backbone_on_workers, progress_topic
 
 __all__ = ["extract_collection", "shared_value_range"]
@@ -85,10 +88,10 @@ class _Job:
     meta: Any
     plan: RunPlan
     store: RunStore
-    tasks: tuple = ()
-    weights: tuple = ()
+    weights: tuple = ()  # windows of each of its tasks (of its pack, for a packed member)
     error: str | None = None
     topic: str | None = None  # where its block tasks report their windows
+    packed: PackedMember | None = None  # computed inside a pack
 
 
 def _one_line(err: BaseException) -> str:
@@ -169,6 +172,9 @@ def extract_collection(
         features, cluster, device, embedded=embedded, store=store
     )
     probe = _plan_probe(features, facts, transforms)
+    # settings that no member can use fail here, once, before anything is written (a store
+    # written with them would refuse the rerun with fixed settings as "other settings")
+    check_settings(features, facts, probe)
     # As for one image: one writer at a time, --overwrite never deletes a store a live run
     # holds, and a fault of the store (no space, read-only...) ends the run in one line.
     with (
@@ -289,22 +295,67 @@ def _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, p
 def _execute(client, jobs: list[_Job], cstore, recipe, device, progress) -> None:
     """Estimates and store per member, then the block tasks of all members in one gather.
 
-    Each member's block tasks are submitted as soon as its store exists, so the workers
-    compute the first members while the next ones are prepared here (many small members
-    would otherwise leave them idle for as long as creating all the stores takes).
+    Each member's tasks are submitted as soon as its store exists (a pack's once its last
+    member's does), so the workers compute the first members while the next ones are
+    prepared here (many small members would otherwise leave them idle for as long as creating
+    all the stores takes).
     """
     resources = task_resources(client, device)
+    tasks = _Tasks()
     try:
-        _prepare_all(client, jobs, cstore, recipe, resources, progress)
+        _prepare_all(client, jobs, cstore, recipe, resources, progress, tasks)
     except BaseException:
-        client.cancel([f for job in jobs for f in job.tasks])  # those submitted
+        client.cancel(tasks.futures)  # those submitted
         raise
 
 
-def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress) -> None:
+@dataclass
+class _Tasks:
+    """The futures submitted for the members: whose each is (job indices), and its windows.
+
+    A future of a pack (:func:`~hrdv2_dask.pipeline.packs.run_pack`) belongs to every member
+    it holds and gives one error line or ``None`` per member.
+    """
+
+    futures: list = field(default_factory=list)
+    owners: list[tuple[int, ...]] = field(default_factory=list)
+    weights: list[int] = field(default_factory=list)
+    packed: list[bool] = field(default_factory=list)
+
+    def add(self, futures, owners, weights, packed: bool) -> None:
+        self.futures += futures
+        self.owners += owners
+        self.weights += weights
+        self.packed += [packed] * len(futures)
+
+
+def _pack_target(client, jobs: list[_Job]) -> int:
+    """Windows per pack: those of a big image's block task, fewer where the small members'
+    windows would otherwise make fewer than two packs per worker thread."""
+    small = sum(w for w in (member_windows(j.plan.blocks) for j in jobs) if w <= PACK_WINDOWS)
+    threads = max(1, sum(client.nthreads().values()))
+    return max(1, min(PACK_WINDOWS, small // (2 * threads)))
+
+
+def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress, tasks) -> None:
     backbone = None
+    target = _pack_target(client, jobs)
+    pending: list[int] = []  # small members prepared, waiting for their pack to fill
+
+    def flush() -> None:
+        pack = Pack([jobs[n].packed for n in pending])
+        windows = [int(sum(jobs[n].weights)) for n in pending]
+        packed = dask.delayed(run_pack, pure=False)
+        task = packed(pack, backbone=backbone, dask_key_name=f"hrdv2-pack-{uuid.uuid4().hex[:12]}")
+        tasks.add(client.compute([task], **compute_kw), [tuple(pending)], [sum(windows)], True)
+        log.debug(
+            "packed %s (%d windows)", ", ".join(jobs[n].member.key for n in pending), sum(windows)
+        )
+        pending.clear()
+
+    compute_kw = dict(optimize_graph=False, resources=resources)
     with backbone_on_workers(client, recipe, resources=resources):
-        for job in jobs:
+        for n, job in enumerate(jobs):
             try:
                 run = Run(
                     client,
@@ -318,30 +369,43 @@ def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress) 
                 job.topic = progress_topic(run.run_id)
                 plan, done, bias = prepare_blocks(run, job.plan, job.store)
                 job.plan = plan
-                tasks, weights = run.block_tasks(plan.blocks, done, bias)
-                job.tasks, job.weights = tuple(run.submit(tasks)), tuple(weights)
+                if member_windows(plan.blocks) <= PACK_WINDOWS:
+                    left = member_windows(plan.blocks, done)
+                    if not left:
+                        continue  # every block done: it is finished with the others
+                    job.packed = PackedMember(
+                        plan.blocks, run.raw_source, done, bias, topic=job.topic
+                    )
+                    job.weights = (left,)
+                    pending.append(n)
+                    if sum(sum(jobs[k].weights) for k in pending) >= target:
+                        flush()
+                    continue
+                counts, weights = run.block_tasks(plan.blocks, done, bias)
+                futures = run.submit(counts)
+                job.weights = tuple(weights)
+                tasks.add(futures, [(n,)] * len(futures), list(weights), False)
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
                 if is_store_fault(err):
                     raise  # the store's, not the member's: it ends the run
                 job.error = _one_line(err)
                 cstore.record(job.member.key, status="failed", error=job.error)
+        if pending:
+            flush()
         if backbone is not None:  # any member's Run gathers them all
-            _gather_all(run, jobs, cstore)
+            _gather_all(run, jobs, cstore, tasks)
 
 
-def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
-    live = [j for j in jobs if j.error is None]
-    owner, tasks, weights = [], [], []
-    for n, job in enumerate(live):
-        owner += [n] * len(job.tasks)
-        tasks += list(job.tasks)
-        weights += list(job.weights)
-    left = [len(j.tasks) for j in live]
+def _gather_all(gatherer, jobs: list[_Job], cstore, tasks: _Tasks) -> None:
+    left = [0] * len(jobs)
+    for owners in tasks.owners:
+        for n in owners:
+            left[n] += 1
     t0 = time.perf_counter()
     saved = [t0]  # when the table was last written
 
     def finished(n: int) -> None:
-        job = live[n]
+        job = jobs[n]
         job.store.finish()
         now = time.perf_counter()
         # A finished member's row is saved with the next one at most every _SAVE_EVERY_S: a
@@ -357,27 +421,37 @@ def _gather_all(gatherer, jobs: list[_Job], cstore) -> None:
         if now - saved[0] >= _SAVE_EVERY_S:
             saved[0] = now
 
+    def failed(n: int, error: str) -> None:
+        if jobs[n].error is None:
+            jobs[n].error = error
+            cstore.record(jobs[n].member.key, status="failed", error=error)
+
     def on_done(k: int, result: Any) -> None:
-        n = owner[k]
-        job = live[n]
-        left[n] -= 1
+        owners = tasks.owners[k]
         if isinstance(result, BaseException):
             if is_store_fault(result):
                 raise result  # no space, read-only...: every member would fail the same way
-            if job.error is None:
-                job.error = _one_line(result)
-                cstore.record(job.member.key, status="failed", error=job.error)
-        elif left[n] == 0 and job.error is None:
-            finished(n)
-
-    try:
-        for n, job in enumerate(live):
-            if not job.tasks:
+            for n in owners:
+                left[n] -= 1
+                failed(n, _one_line(result))
+            return
+        errors = result if tasks.packed[k] else [None]
+        for n, error in zip(owners, errors, strict=True):
+            left[n] -= 1
+            if error is not None:
+                failed(n, error)
+            elif left[n] == 0 and jobs[n].error is None:
                 finished(n)
-        if tasks:
+
+    live = [j for j in jobs if j.error is None]
+    try:
+        for n, job in enumerate(jobs):
+            if job.error is None and left[n] == 0:
+                finished(n)  # nothing left to compute: all its blocks were done
+        if tasks.futures:
             gatherer.gather(
-                tasks,
-                weights,
+                tasks.futures,
+                tasks.weights,
                 desc="windows",
                 megapixels=sum(j.plan.megapixels for j in live),
                 keep_errors=True,

@@ -209,9 +209,13 @@ def run_block(
     backbone: Any,
     token_bias: list[np.ndarray] | None = None,
     topic: str | None = None,
+    writer: BlockWriter | None = None,
 ) -> dict[str, np.ndarray]:
     """Compute, blend and write block ``(jb, ib)``; return the strips it spills downstream
     (those that a block below or to the right receives: none for the bottom-right block).
+
+    ``writer``: the store's :class:`~hrdv2_dask.io.store.BlockWriter` where one task writes
+    several blocks of it (default: one for this block).
 
     Windows are blended on the backbone's device; only the finished block (in the stored dtype)
     and the thin strips cross back to the host. Each group of windows computed is reported on
@@ -278,7 +282,7 @@ def run_block(
     last_row, last_col = jb == plan.n_blocks[0] - 1, ib == plan.n_blocks[1] - 1
     needed = {"bottom": not last_row, "right": not last_col, "corner": not (last_row or last_col)}
     halo = {k: v for k, v in halo.items() if needed[k]}  # what some block receives
-    BlockWriter(plan.store_path).write_block(
+    (writer or BlockWriter(plan.store_path)).write_block(
         (jb, ib),
         values.cpu().numpy(),
         (weight > 0).cpu().numpy(),

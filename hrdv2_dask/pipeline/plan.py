@@ -28,6 +28,7 @@ __all__ = [
     "BackboneFacts",
     "BlockPlan",
     "RunPlan",
+    "check_settings",
     "default_block",
     "mask_description",
     "plan_grid",
@@ -194,6 +195,38 @@ def plan_grid(
     )
 
 
+def check_settings(
+    features: FeatureSettings, backbone: BackboneFacts, transforms: TransformSet
+) -> None:
+    """Raise the :class:`~hrdv2_dask.errors.ConfigError` that planning any image with these
+    settings would raise (a tile or overlap that no window grid allows, more ``components``
+    than the backbone's channels): checked once before a collection writes anything, instead
+    of failing every member alike.
+
+    >>> facts = BackboneFacts("m", patch_size=14, stride=14, channels=8)
+    >>> check_settings(FeatureSettings(tile=140), facts, TransformSet([]))  # fine: no error
+    >>> check_settings(FeatureSettings(components=9), facts, TransformSet([]))
+    Traceback (most recent call last):
+    ...
+    hrdv2_dask.errors.ConfigError: components must be an integer in 1..8, got 9.
+    """
+    plan_tiles(
+        (backbone.patch_size, backbone.patch_size),  # the grid's rules hold whatever the shape
+        tile_px=features.tile,
+        overlap_px=features.overlap,
+        patch_px=backbone.patch_size,
+        stride_px=backbone.stride,
+        max_shift_px=transforms.max_shift_px + backbone.halo_px,
+        out_stride=features.out_stride,
+    )
+    _check_components(features.components, backbone.channels)
+
+
+def _check_components(components: int | None, channels: int) -> None:
+    if components is not None and components > channels:
+        raise ConfigError(f"components must be an integer in 1..{channels}, got {components!r}.")
+
+
 def mask_description(mask: Any) -> str | None:
     """How a mask is recorded in the settings: its name, or an array's shape and digest.
 
@@ -249,8 +282,7 @@ def plan_run(
     """
     channels = backbone.channels
     components = features.components
-    if components is not None and components > channels:
-        raise ConfigError(f"components must be an integer in 1..{channels}, got {components!r}.")
+    _check_components(components, channels)
     block = features.block or default_block(
         components or channels, grid.chunk_cells, grid.n_windows
     )

@@ -146,6 +146,25 @@ def test_cli_exit_code_3_then_retry_failed(tmp_path, client, capsys):
     assert all(",done," in line for line in table[1:])
 
 
+def test_settings_no_member_can_use_fail_once_before_anything_is_written(tmp_path, client, capsys):
+    folder, out = _folder(tmp_path), tmp_path / "c.zarr"
+    for bad, words in [({"tile": 98}, "tile_px=98 is too small"), ({"components": 4}, "1..3")]:
+        with pytest.raises(hd.ConfigError) as err:
+            hd.extract_collection(folder, out, **{**_kw(client), **bad})
+        assert words in str(err.value) and "\n" not in str(err.value)
+        assert not out.exists()  # no root, no lock: the fixed rerun is not "other settings"
+    argv = ["features", str(folder), str(out), "--weights", "random", "--tile", "98"]
+    argv += ["--model-option", "depth=1", "--quiet", "--device", "cpu"]
+    argv += ["--scheduler", client.scheduler.address]
+    assert main(argv) == 2  # an error, once: not exit 3 with every member failed
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert errors == [err[-1]] and err[-1].startswith("hrdv2: error: tile_px=98 is too small")
+    assert not out.exists()
+    tree = hd.extract_collection(folder, out, **_kw(client))
+    assert sorted(tree.children) == ["im0", "im1", "im2"]
+
+
 def test_adding_a_file_computes_only_it(tmp_path, client):
     folder = _folder(tmp_path, n=3)
     paths = sorted(folder.glob("*.npy"))

@@ -136,7 +136,9 @@ def test_no_space_mid_run_ends_it_in_one_line_and_the_rerun_completes(
         np.testing.assert_array_equal(tree[key]["features"].values, values)
 
 
-def test_a_corrupt_tile_of_one_member_fails_only_that_member(tmp_path, reference, local_client):
+def test_a_corrupt_tile_of_one_member_fails_only_that_member(
+    tmp_path, reference, local_client, caplog
+):
     folder = _folder(tmp_path)
     img = np.random.default_rng(1).integers(0, 256, SHAPE, dtype=np.uint8)
     path = folder / "slide.tif"
@@ -146,8 +148,13 @@ def test_a_corrupt_tile_of_one_member_fails_only_that_member(tmp_path, reference
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(b"\xff" * count)
-    tree = hd.extract_collection(folder, tmp_path / "c.zarr", **_kw(local_client))
+    with caplog.at_level("DEBUG", logger="hrdv2_dask.pipeline.collection"):
+        tree = hd.extract_collection(folder, tmp_path / "c.zarr", **_kw(local_client))
+    packs = [r.getMessage() for r in caplog.records if r.getMessage().startswith("packed ")]
+    assert any("slide" in p and "," in p for p in packs), packs  # it shared its task
     rows = {r["key"]: r for r in tree.attrs["members"]}
     assert rows["slide"]["status"] == "failed"
     assert "Cannot read rows " in rows["slide"]["error"] and str(path) in rows["slide"]["error"]
     assert sorted(tree.children) == sorted(reference)
+    for key, values in reference.items():  # its pack's other member too
+        np.testing.assert_array_equal(tree[key]["features"].values, values)

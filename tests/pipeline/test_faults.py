@@ -21,6 +21,7 @@ from hrdv2_dask.errors import (
     SourceReadError,
     StoreWriteError,
 )
+from hrdv2_dask.io import nodes
 from hrdv2_dask.pipeline.faults import describe_fault
 
 
@@ -99,24 +100,36 @@ def test_a_corrupt_tile_names_the_file_and_region_and_the_rerun_resumes(
 
 
 class _Faulty:
-    """Patch LocalStore.set: raise OSError(code) once ``limit`` bytes of matching keys are
+    """Patch LocalStore.set and the store's own file writes (io.nodes.write_file): raise
+    OSError(code) once ``limit`` bytes of matching keys (paths inside the ``.zarr`` store) are
     written (a full disk, a read-only or forbidden folder reached mid-run)."""
 
     def __init__(self, monkeypatch, code: int, *, limit: int = 0, match=lambda k, v: True):
         self.written, self.code, self.limit, self.match = 0, code, limit, match
-        original = LocalStore.set
+        original, original_file = LocalStore.set, nodes.write_file
 
-        async def set_(store, key, value):
-            data = value.to_bytes()
+        def check(key: str, data: bytes, path: str) -> None:
             if self.match(key, data):
                 self.written += len(data)
                 if self.written > self.limit:
-                    path = f"{store.root}/{key}"
                     raise OSError(self.code, os.strerror(self.code), path)
+
+        async def set_(store, key, value):
+            check(key, value.to_bytes(), f"{store.root}/{key}")
             return await original(store, key, value)
 
+        def write_file(path, data, **kw):
+            check(str(path).rsplit(".zarr/", 1)[-1], data, str(path))
+            return original_file(path, data, **kw)
+
         monkeypatch.setattr(LocalStore, "set", set_)
-        self.undo = lambda: monkeypatch.setattr(LocalStore, "set", original)
+        monkeypatch.setattr(nodes, "write_file", write_file)
+
+        def undo():
+            monkeypatch.setattr(LocalStore, "set", original)
+            monkeypatch.setattr(nodes, "write_file", original_file)
+
+        self.undo = undo
 
 
 import os  # noqa: E402 - used by _Faulty
