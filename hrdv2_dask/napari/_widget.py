@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
 
 from ..analysis import KMeansOptions, SegmentOptions
 from ..errors import InputError
-from ._reader import pyramid
 from ._session import KINDS, Grid, Result, Session, one_line, with_progress
 
 if TYPE_CHECKING:
@@ -398,12 +397,11 @@ class Hrdv2Widget(QWidget):
 
         def work(session: Session) -> Iterator[Any]:
             result = make(session)
-            if window is not None and window != (
-                slice(0, session.grid.shape[0], 1),
-                slice(0, session.grid.shape[1], 1),
-            ):
-                yield "layer", session, result, *session.view(result, window)
-            yield "layer", session, result, *session.full(result)
+            lazy = session.lazy(result)
+            whole = (slice(0, session.grid.shape[0], 1), slice(0, session.grid.shape[1], 1))
+            if window is not None and (lazy or window != whole):
+                yield "layer", session, result, *session.view(result, window), lazy
+            yield "layer", session, result, *session.full(result), False
             yield "status", _describe(result)
 
         self._start(work)
@@ -455,25 +453,34 @@ class Hrdv2Widget(QWidget):
         self.status.setText(message)
         _notify_error(message)
 
-    def _show(self, session: Session, result: Result, data: Any, place: dict) -> None:
-        """Add or update the result's layer (in place when the data are in memory)."""
+    def _show(self, session: Session, result: Result, data: Any, place: dict, beside: bool) -> None:
+        """Add or update the result's layer, in place where it exists (napari's layer
+        creation is what stalls the GUI thread, not a data update).
+
+        The in-memory result (a view or the whole grid) or the lazy levels of a big grid go
+        to the layer ``STORE: KIND``; with ``beside``, a view of a lazily shown result goes
+        to ``STORE: KIND (view)`` under it (it shows through the lazy layer's placeholder
+        levels), and the lazy layer, stale until its new levels come, is hidden.
+        """
         name = f"{session.name}: {result.kind}"
         meta = {"hrdv2_kind": result.kind, "path": str(session.path)}
-        multiscale = not isinstance(data, np.ndarray)
-        levels = pyramid(data, labels=result.labels) if multiscale else None
-        if levels is not None and len(levels) == 1:
-            data, multiscale = levels[0], False
+        multiscale = isinstance(data, list)
+        if beside:
+            main = self.viewer.layers[name] if name in self.viewer.layers else None
+            if main is not None:
+                main.visible = False
+            name = f"{name} (view)"
         old = self.viewer.layers[name] if name in self.viewer.layers else None
-        if old is not None and not multiscale and not old.multiscale:
+        if old is not None and bool(old.multiscale) == multiscale and _same_kind(old, data):
             old.data = data
             old.scale, old.translate = place["scale"], place["translate"]
             old.metadata.update(meta)
             if result.kind == "similarity":
                 old.contrast_limits = (0.0, 1.0)
+            old.visible = True
             return
-        kwargs: dict[str, Any] = {"name": name, "metadata": meta, **place}
-        if multiscale:
-            data, kwargs["multiscale"] = levels, True
+        kwargs: dict[str, Any] = {"name": name, "metadata": meta, "multiscale": multiscale}
+        kwargs.update(place)
         if old is not None:
             kwargs["opacity"] = old.opacity
             self.viewer.layers.remove(old)
@@ -489,11 +496,22 @@ class Hrdv2Widget(QWidget):
                 opacity=kwargs.pop("opacity", 0.7),
                 **kwargs,
             )
+        if beside:  # the view under the lazy layer
+            view, main_name = self.viewer.layers[name], name.removesuffix(" (view)")
+            if main_name in self.viewer.layers:
+                at, here = (
+                    self.viewer.layers.index(main_name),
+                    self.viewer.layers.index(view),
+                )
+                if here > at:
+                    self.viewer.layers.move(here, at)
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
-        for session in self._sessions.values():
-            session.close()
-        super().closeEvent(event)
+
+def _same_kind(layer: Any, data: Any) -> bool:
+    """Whether ``data`` can replace ``layer``'s in place (same number of channels)."""
+    first = data[0] if isinstance(data, list) else data
+    old = layer.data[0] if layer.multiscale else layer.data
+    return len(first.shape) == len(old.shape) and first.shape[2:] == old.shape[2:]
 
 
 def _describe(result: Result) -> str:

@@ -152,3 +152,47 @@ def test_scripted_session(planted_store, viewer_and_widget, tmp_path):  # noqa: 
     viewer.layers["query points"].add([[500.0, 5.0]])  # updates on the click
     wait()
     assert widget.last_error.startswith("Point (y=500.0, x=5.0) is outside the features")
+
+
+def test_big_results_show_as_lazy_levels_over_their_view(
+    planted_store,  # noqa: F811
+    viewer_and_widget,
+    monkeypatch,
+):
+    """Above IN_MEMORY_BYTES a result is a multiscale layer of lazy levels (its chunks computed
+    as napari shows them) over the in-memory view; a new result updates both in place."""
+    from hrdv2_dask.napari import _session
+
+    monkeypatch.setattr(_session, "IN_MEMORY_BYTES", 100)
+    path, _, truth = planted_store
+    viewer, widget, wait = viewer_and_widget
+    widget.store_path.setText(str(path))
+    widget.open_store()
+    camera = widget._camera()
+    camera.center, camera.zoom = (56.0, 56.0), 8.0 * max(viewer.canvas.size) / 800
+    widget.new_points()
+    viewer.layers["query points"].add([[50.0, 50.0]])
+    wait()
+    assert widget.last_error is None, widget.last_error
+    lazy, view = viewer.layers["f.zarr: similarity"], viewer.layers["f.zarr: similarity (view)"]
+    assert lazy.multiscale and type(lazy.data[0]).__name__ == "LazyLevel" and lazy.visible
+    assert viewer.layers.index(view) < viewer.layers.index(lazy)  # the view under it
+    session = widget.session()
+    eager = session.results["similarity"].data.values
+    np.testing.assert_array_equal(np.asarray(lazy.data[0]), eager)
+    np.testing.assert_allclose(np.asarray(lazy.data[0])[7, 7], 1.0, atol=1e-5)
+
+    viewer.layers["query points"].add([[20.0, 90.0]])  # updates the same two layers
+    wait()
+    assert viewer.layers["f.zarr: similarity"] is lazy and lazy.visible
+    assert float(np.asarray(lazy.data[0])[7, 7]) < 1
+
+    widget.new_scribbles()
+    viewer.layers["scribbles"].data = scribbles_of(truth)
+    widget.run_segment()
+    wait()
+    seg = viewer.layers["f.zarr: segmentation"]
+    assert type(seg).__name__ == "Labels" and seg.multiscale
+    np.testing.assert_array_equal(
+        np.asarray(seg.data[0]), session.results["segmentation"].data.values
+    )
