@@ -60,7 +60,8 @@ from ..errors import InputError
 from ..io.collection import open_collection
 from ..io.store import open_features
 from ._feature_levels import ChunkResults, LazyLevel, lazy_levels
-from ._reader import VIEW_BYTES, grid_placement, level_plan, path_kind, placeholder_from
+from . import _reader
+from ._reader import VIEW_BYTES, grid_placement, path_kind
 
 __all__ = ["IN_MEMORY_BYTES", "KINDS", "Grid", "Result", "Session", "one_line", "with_progress"]
 
@@ -478,9 +479,10 @@ class Session:
         """Every cell of ``result`` and its placement: computed into memory, or (when
         :meth:`lazy`) pyramid levels computing only the chunks napari shows.
 
-        Lazy levels: levels 2x smaller down to the reader's pyramid size, those whose screen
-        would read more than the reader's ``VIEW_BYTES`` placeholders (transparent: the view
-        shows through), at least two (napari reads a one-level image whole); labels levels
+        Lazy levels: levels 2x smaller down to the reader's ``PLACEHOLDER_PX`` (at least two:
+        napari reads a one-level image whole), placeholders (transparent: the view shows
+        through) from the first whose screen would read more than the reader's
+        ``VIEW_BYTES``, the coarsest always (napari reads it whole for its thumbnail); labels
         take every other cell, images the 2x2 mean; the PCA picture gets an alpha channel
         (0 in placeholders). Their chunks are kept (:attr:`Result.chunks`, shared with
         :meth:`view`).
@@ -495,9 +497,15 @@ class Session:
                 data = da.concatenate([data, da.full_like(data[..., :1], 255)], axis=2)
                 data = data.rechunk({2: -1})
             result.chunks = ChunkResults(data)
-        n_levels, first = level_plan(max(self.grid.shape), self.cell_bytes)
-        if n_levels < 2:
-            n_levels, first = 2, placeholder_from(2, self.cell_bytes)
+        side = max(self.grid.shape)
+        n_levels = max(
+            _reader._levels_above(side, _reader.MULTISCALE_PX),
+            _reader._levels_above(side, _reader.PLACEHOLDER_PX),
+            2,
+        )
+        # napari computes the coarsest level whole on the GUI thread (its thumbnail) when
+        # the layer is made: a placeholder
+        first = min(_reader.placeholder_from(n_levels, self.cell_bytes), n_levels - 1)
         levels = lazy_levels(result.chunks, n_levels, labels=result.labels, first_placeholder=first)
         return levels, place
 

@@ -398,10 +398,12 @@ class Hrdv2Widget(QWidget):
         def work(session: Session) -> Iterator[Any]:
             result = make(session)
             lazy = session.lazy(result)
+            # lazy levels cost nothing yet; a full-resolution view fills their kept chunks
+            full = session.full(result) if lazy else None
             whole = (slice(0, session.grid.shape[0], 1), slice(0, session.grid.shape[1], 1))
             if window is not None and (lazy or window != whole):
                 yield "layer", session, result, *session.view(result, window), lazy
-            yield "layer", session, result, *session.full(result), False
+            yield "layer", session, result, *(full or session.full(result)), False
             yield "status", _describe(result)
 
         self._start(work)

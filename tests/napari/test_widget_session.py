@@ -115,6 +115,7 @@ def test_a_big_full_result_is_lazy_levels_computing_only_the_chunks_shown(
 
     path, _, truth = planted_store  # 16 x 16 cells, chunks of 8
     monkeypatch.setattr(_session, "IN_MEMORY_BYTES", 100)
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 4)  # levels of 16, 8, 4 cells a side
     monkeypatch.setattr(_reader, "VIEW_BYTES", 2**62)  # level 1 real too (else a placeholder)
     session = Session(path)
     result = {
@@ -127,7 +128,8 @@ def test_a_big_full_result_is_lazy_levels_computing_only_the_chunks_shown(
     assert session.lazy(result)
     levels, place = session.full(result)
     assert place == {"scale": (7.0, 7.0), "translate": (3.0, 3.0)}
-    assert [lv.shape[:2] for lv in levels] == [(16, 16), (8, 8)]
+    assert [lv.shape[:2] for lv in levels] == [(16, 16), (8, 8), (4, 4)]
+    assert [lv.placeholder for lv in levels] == [False, False, True]  # the coarsest always
     assert result.chunks.computed == 0  # nothing computed before napari asks
     edges = [np.cumsum((0, *c)) for c in result.data.data.chunks[:2]]
     assert len(edges[0]) > 3 and len(edges[1]) > 3  # several chunks a side
