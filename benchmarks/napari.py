@@ -71,6 +71,7 @@ class Session:
     beats: list[float] = field(default_factory=list)
     draws: list[float] = field(default_factory=list)
     widget: Any = None  # the plugin's dock widget, once an action opened it
+    shows: list[tuple[float, float, bool]] = field(default_factory=list)  # (t0, ms, added)
 
     @property
     def busy(self) -> bool:
@@ -148,8 +149,18 @@ def _zoom_out(factor: float) -> Callable[[Session], None]:
 def _open_widget(session: Session) -> None:
     from hrdv2_dask.napari._widget import Hrdv2Widget
 
-    session.widget = Hrdv2Widget(session.viewer)
-    session.viewer.window.add_dock_widget(session.widget, name="HR-Dv2 analysis")
+    widget = session.widget = Hrdv2Widget(session.viewer)
+    show = widget._show
+
+    def timed(*args: Any) -> None:  # how long each result layer's add or update takes
+        n = len(session.viewer.layers)
+        t0 = time.perf_counter()
+        show(*args)
+        ms = (time.perf_counter() - t0) * 1e3
+        session.shows.append((t0, round(ms, 1), len(session.viewer.layers) > n))
+
+    widget._show = timed
+    session.viewer.window.add_dock_widget(widget, name="HR-Dv2 analysis")
 
 
 def _view_centre(session: Session) -> tuple[float, float]:
@@ -170,8 +181,10 @@ def _click_point(session: Session) -> None:
 
 
 def _paint(session: Session) -> None:
-    """A new scribbles layer; class 1 and class 2 strokes half a screen apart (other chunks)."""
+    """Back to the image's centre; a new scribbles layer; class 1 and class 2 strokes half a
+    screen apart (other chunks)."""
     widget, viewer = session.widget, session.viewer
+    _centre_zoom_in(session)
     widget.new_scribbles()
     layer = viewer.layers["scribbles"]
     y, x = _view_centre(session)
@@ -180,6 +193,7 @@ def _paint(session: Session) -> None:
         cy, cx = (int(round(v)) for v in layer.world_to_data((y, x + dx))[-2:])
         r = max(2, int(half / float(layer.scale[-1]) / 8))
         layer.data[max(cy - r, 0) : cy + r, max(cx - 4 * r, 0) : cx + 4 * r] = label
+        log.info("class %d painted at data (%d, %d), half-height %d", label, cy, cx, r)
     layer.refresh()
 
 
@@ -200,7 +214,7 @@ def widget_actions(pans: int = 2) -> list[Action]:
         ("widget: centre, zoom in (1 cell per screen px)", _centre_zoom_in),
         ("similarity: click a point", _click_point),
         *[(f"similarity: pan one screen ({k + 1})", _pan) for k in range(pans)],
-        ("scribbles: new layer, paint two classes", _paint),
+        ("scribbles: centre, new layer, paint two classes", _paint),
         ("train + segment", _train),
         ("PCA", _pca),
     ]
@@ -314,7 +328,7 @@ def run_session(
                 "unloaded_after_s": round(unloaded[0], 3) if unloaded else None,
                 **gap_stats(session.beats, t0, t1),
                 "level": _levels(viewer),
-                **_widget_row(session),
+                **_widget_row(session, t0),
             }
             log.info("%s %s: %s", mode, name, row)
             rows.append(row)
@@ -330,11 +344,18 @@ def run_session(
     }
 
 
-def _widget_row(session: Session) -> dict[str, Any]:
-    """The widget's error and status after an action (when it is open)."""
+def _widget_row(session: Session, t0: float) -> dict[str, Any]:
+    """The widget's error and status after an action (when it is open), and the GUI-thread
+    milliseconds of each result layer's add (``add_ms``) or in-place update (``update_ms``)."""
     if session.widget is None:
         return {}
-    return {"widget_error": session.widget.last_error, "status": session.widget.status.text()}
+    shows = [(ms, added) for t, ms, added in session.shows if t >= t0]
+    return {
+        "widget_error": session.widget.last_error,
+        "status": session.widget.status.text(),
+        "add_ms": [ms for ms, added in shows if added],
+        "update_ms": [ms for ms, added in shows if not added],
+    }
 
 
 def _shows_current_view(layer: Any) -> bool:
@@ -533,6 +554,7 @@ COLUMNS = [
     Column("p99_ms", "p99 gap (ms)", "{:.0f}"),
     Column("drawn_s", "drawn after (s)", "{:.2f}"),
     Column("call_ms", "call (ms)", "{:.0f}"),
+    Column("shows", "layer add / update (ms)"),
     Column("levels", "levels shown"),
 ]
 
@@ -543,7 +565,17 @@ def to_markdown(result: dict[str, Any]) -> str:
     notes = []
     for session in result["sessions"]:
         for row in session["rows"]:
-            rows.append({**row, "levels": ", ".join(str(v) for v in row.get("level") or [])})
+            shows = " / ".join(
+                ", ".join(f"{v:.0f}" for v in row.get(k) or []) or "–"
+                for k in ("add_ms", "update_ms")
+            )
+            rows.append(
+                {
+                    **row,
+                    "levels": ", ".join(str(v) for v in row.get("level") or []),
+                    "shows": shows if "add_ms" in row else "",
+                }
+            )
             if row.get("widget_error"):
                 notes.append(f"{session['mode']} {row['action']}: {row['widget_error']}")
         if session.get("killed_after_s"):

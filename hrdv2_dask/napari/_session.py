@@ -59,8 +59,8 @@ from ..analysis.similarity import _cosine, run_similarity
 from ..errors import InputError
 from ..io.collection import open_collection
 from ..io.store import open_features
-from ._feature_levels import ChunkResults, LazyLevel, lazy_levels
 from . import _reader
+from ._feature_levels import ChunkResults, LazyLevel, lazy_levels
 from ._reader import VIEW_BYTES, grid_placement, path_kind
 
 __all__ = ["IN_MEMORY_BYTES", "KINDS", "Grid", "Result", "Session", "one_line", "with_progress"]
@@ -165,7 +165,8 @@ class Grid:
             if i1 <= i0:
                 return None
             out.append((i0, i1))
-            n.append((i1 - i0) / max(1, int(screen[a])))
+            # cells per screen pixel from the view's extent (its cell count has one more)
+            n.append((hi[a] - lo[a]) / s / max(1, int(screen[a])))
         step = max(1, math.ceil(max(n) - 1e-9))
         return slice(*out[0], step), slice(*out[1], step)
 

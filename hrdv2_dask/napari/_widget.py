@@ -402,8 +402,11 @@ class Hrdv2Widget(QWidget):
             full = session.full(result) if lazy else None
             whole = (slice(0, session.grid.shape[0], 1), slice(0, session.grid.shape[1], 1))
             if window is not None and (lazy or window != whole):
-                yield "layer", session, result, *session.view(result, window), lazy
-            yield "layer", session, result, *(full or session.full(result)), False
+                # at full resolution a lazy result's view only fills the kept chunks (the
+                # lazy layer shows the same cells): no second layer to make
+                role = ("fill" if window[0].step == 1 else "view") if lazy else ""
+                yield "layer", session, result, *session.view(result, window), role
+            yield "layer", session, result, *(full or session.full(result)), ""
             yield "status", _describe(result)
 
         self._start(work)
@@ -455,22 +458,25 @@ class Hrdv2Widget(QWidget):
         self.status.setText(message)
         _notify_error(message)
 
-    def _show(self, session: Session, result: Result, data: Any, place: dict, beside: bool) -> None:
-        """Add or update the result's layer, in place where it exists (napari's layer
-        creation is what stalls the GUI thread, not a data update).
+    def _show(self, session: Session, result: Result, data: Any, place: dict, role: str) -> None:
+        """Add or update the result's layer, in place where it exists: making a napari layer
+        is what stalls the GUI thread (100-200 ms here: its controls, its vispy visual, its
+        first draw), not a data update.
 
-        The in-memory result (a view or the whole grid) or the lazy levels of a big grid go
-        to the layer ``STORE: KIND``; with ``beside``, a view of a lazily shown result goes
-        to ``STORE: KIND (view)`` under it (it shows through the lazy layer's placeholder
-        levels), and the lazy layer, stale until its new levels come, is hidden.
+        ``role`` "": the in-memory result (a view or the whole grid) or the lazy levels of a
+        big grid, to the layer ``STORE: KIND``. "view": a zoomed-out view of a lazily shown
+        result, to ``STORE: KIND (view)`` under it (it shows through the lazy layer's
+        placeholder levels). "fill": a full-resolution view of one, which only updates that
+        layer if there is one. For both, the lazy layer, stale until its new levels come, is
+        hidden. A new layer is made hidden and shown on the next turn of the event loop, so
+        that its making and its first draw are two shorter stalls.
         """
         name = f"{session.name}: {result.kind}"
         meta = {"hrdv2_kind": result.kind, "path": str(session.path)}
         multiscale = isinstance(data, list)
-        if beside:
-            main = self.viewer.layers[name] if name in self.viewer.layers else None
-            if main is not None:
-                main.visible = False
+        if role:
+            if name in self.viewer.layers:
+                self.viewer.layers[name].visible = False
             name = f"{name} (view)"
         old = self.viewer.layers[name] if name in self.viewer.layers else None
         if old is not None and bool(old.multiscale) == multiscale and _same_kind(old, data):
@@ -481,32 +487,36 @@ class Hrdv2Widget(QWidget):
                 old.contrast_limits = (0.0, 1.0)
             old.visible = True
             return
+        if role == "fill":
+            return
         kwargs: dict[str, Any] = {"name": name, "metadata": meta, "multiscale": multiscale}
-        kwargs.update(place)
+        kwargs.update(place, visible=False)
         if old is not None:
             kwargs["opacity"] = old.opacity
             self.viewer.layers.remove(old)
         if result.labels:
-            self.viewer.add_labels(data, opacity=kwargs.pop("opacity", 0.6), **kwargs)
+            layer = self.viewer.add_labels(data, opacity=kwargs.pop("opacity", 0.6), **kwargs)
         elif result.kind == "pca":
-            self.viewer.add_image(data, rgb=True, opacity=kwargs.pop("opacity", 0.7), **kwargs)
+            layer = self.viewer.add_image(
+                data, rgb=True, opacity=kwargs.pop("opacity", 0.7), **kwargs
+            )
         else:
-            self.viewer.add_image(
+            layer = self.viewer.add_image(
                 data,
                 colormap="inferno",
                 contrast_limits=(0.0, 1.0),
                 opacity=kwargs.pop("opacity", 0.7),
                 **kwargs,
             )
-        if beside:  # the view under the lazy layer
-            view, main_name = self.viewer.layers[name], name.removesuffix(" (view)")
-            if main_name in self.viewer.layers:
-                at, here = (
-                    self.viewer.layers.index(main_name),
-                    self.viewer.layers.index(view),
-                )
+        if role:  # the view under the lazy layer
+            main = name.removesuffix(" (view)")
+            if main in self.viewer.layers:
+                at, here = self.viewer.layers.index(main), self.viewer.layers.index(layer)
                 if here > at:
                     self.viewer.layers.move(here, at)
+        from qtpy.QtCore import QTimer
+
+        QTimer.singleShot(0, lambda: setattr(layer, "visible", True))
 
 
 def _same_kind(layer: Any, data: Any) -> bool:
