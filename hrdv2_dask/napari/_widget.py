@@ -41,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["Hrdv2Widget"]
 
 _PLUGIN = "hrdv2-dask"
+#: A new result layer is made hidden and shown this much later: the event loop runs between
+#: its making and its first draw (two shorter stalls, not one).
+_SHOW_AFTER_MS = 15
 
 
 def _notify_error(message: str) -> None:
@@ -468,8 +471,8 @@ class Hrdv2Widget(QWidget):
         result, to ``STORE: KIND (view)`` under it (it shows through the lazy layer's
         placeholder levels). "fill": a full-resolution view of one, which only updates that
         layer if there is one. For both, the lazy layer, stale until its new levels come, is
-        hidden. A new layer is made hidden and shown on the next turn of the event loop, so
-        that its making and its first draw are two shorter stalls.
+        hidden. A new layer is made hidden and shown :data:`_SHOW_AFTER_MS` later, so that its
+        making and its first draw are two shorter stalls.
         """
         name = f"{session.name}: {result.kind}"
         meta = {"hrdv2_kind": result.kind, "path": str(session.path)}
@@ -516,7 +519,7 @@ class Hrdv2Widget(QWidget):
                     self.viewer.layers.move(here, at)
         from qtpy.QtCore import QTimer
 
-        QTimer.singleShot(0, lambda: setattr(layer, "visible", True))
+        QTimer.singleShot(_SHOW_AFTER_MS, lambda: setattr(layer, "visible", True))
 
 
 def _same_kind(layer: Any, data: Any) -> bool:
