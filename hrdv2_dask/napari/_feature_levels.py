@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import dask
@@ -39,28 +40,59 @@ class ChunkResults:
     """The ``(y, x)`` chunks of a lazy result, computed on demand and kept.
 
     ``region(y0, y1, x0, x1)`` returns those cells (``(y1 - y0, x1 - x0, *tail)``), computing
-    (in one ``dask.compute``) only the chunks it touches that are not kept yet.
+    (in one ``dask.compute``) only the chunks it touches that are not kept yet, each from a
+    graph of that chunk alone (``make(rows, cols)``): slicing a chunk out of the whole grid's
+    graph instead (50,000 chunks) materialises and keeps that graph, 4x slower and a million
+    objects more for Python's garbage collector, whose full passes then freeze the GUI thread.
 
     Parameters
     ----------
-    data : dask.array.Array
-        ``(y, x)`` or ``(y, x, c)`` (``c`` one chunk), e.g. :func:`feature_mean` of a store.
+    make : callable
+        ``make(rows, cols)`` -> the lazy (dask) or computed result of those cells (slices).
+    shape : tuple of int
+        ``(y, x)`` or ``(y, x, c)``.
+    dtype : numpy.dtype
+    chunks : (tuple of int, tuple of int)
+        The chunk sides along ``y`` and ``x`` (the features').
     capacity_bytes : int
         Bytes of chunk results kept (least recently used out first).
     """
 
-    def __init__(self, data: da.Array, capacity_bytes: int = CACHE_BYTES):
-        if data.ndim not in (2, 3) or (data.ndim == 3 and len(data.chunks[2]) != 1):
-            raise ValueError(f"ChunkResults takes (y, x) or (y, x, c) arrays, not {data.shape}")
-        self.data = data
-        self.shape = tuple(int(s) for s in data.shape)
-        self.dtype = np.dtype(data.dtype)
-        self.edges = [np.cumsum((0, *c)) for c in data.chunks[:2]]
+    def __init__(
+        self,
+        make: Callable[[slice, slice], Any],
+        shape: Sequence[int],
+        dtype: Any,
+        chunks: Sequence[Sequence[int]],
+        capacity_bytes: int = CACHE_BYTES,
+    ):
+        self.make = make
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.edges = [np.cumsum((0, *c)) for c in chunks[:2]]
         self.capacity = int(capacity_bytes)
         self._kept: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.computed = 0  # chunks computed so far (for tests and benchmarks)
+
+    @classmethod
+    def of_features(
+        cls,
+        features: da.Array,
+        fn: Callable[[da.Array], da.Array] = None,  # type: ignore[assignment]
+        capacity_bytes: int = CACHE_BYTES,
+    ) -> ChunkResults:
+        """The chunks of ``fn`` (default :func:`feature_mean`) of ``(feature, y, x)``
+        features, a per-cell function run on each chunk's features."""
+        fn = fn or feature_mean
+        probe = fn(features[:, :1, :1])
+        shape = (*features.shape[1:], *probe.shape[2:])
+
+        def make(rows: slice, cols: slice) -> da.Array:
+            return fn(features[:, rows, cols])
+
+        return cls(make, shape, probe.dtype, features.chunks[1:], capacity_bytes)
 
     def _chunks(self, axis: int, start: int, stop: int) -> range:
         e = self.edges[axis]
@@ -76,7 +108,13 @@ class ChunkResults:
                 self._kept.move_to_end(k)
         missing = [k for k in wanted if k not in have]
         if missing:
-            computed = dask.compute(*[self.data.blocks[j, i] for j, i in missing])
+            computed = dask.compute(
+                *[
+                    self.make(slice(int(ey[j]), int(ey[j + 1])), slice(int(ex[i]), int(ex[i + 1])))
+                    for j, i in missing
+                ]
+            )
+            computed = [np.asarray(c) for c in computed]
             have.update(zip(missing, computed, strict=True))
             with self._lock:
                 self.computed += len(missing)
@@ -130,13 +168,15 @@ class LazyLevel:
     Examples
     --------
     >>> f = da.from_array(np.arange(2 * 4 * 6, dtype=np.float32).reshape(2, 4, 6), chunks=2)
-    >>> level = LazyLevel(ChunkResults(feature_mean(f)), 2)
+    >>> level = LazyLevel(ChunkResults.of_features(f), 2)
     >>> level.shape, level[0, 1:3].tolist()
     ((2, 3), [17.5, 19.5])
-    >>> labels = LazyLevel(ChunkResults(da.arange(24, chunks=4).reshape(4, 6)), 2, labels=True)
+    >>> cells = np.arange(24).reshape(4, 6)
+    >>> chunks = ChunkResults(lambda r, c: cells[r, c], (4, 6), int, ((2, 2), (3, 3)))
+    >>> labels = LazyLevel(chunks, 2, labels=True)
     >>> labels[:, :].tolist()
     [[0, 2, 4], [12, 14, 16]]
-    >>> np.isnan(LazyLevel(ChunkResults(feature_mean(f)), 2, placeholder=True)[:, 0]).all()
+    >>> np.isnan(LazyLevel(ChunkResults.of_features(f), 2, placeholder=True)[:, 0]).all()
     np.True_
     """
 
@@ -210,21 +250,20 @@ class LazyLevel:
 
 
 def lazy_levels(
-    data: da.Array | ChunkResults,
+    results: ChunkResults,
     n_levels: int,
     *,
     labels: bool = False,
     first_placeholder: int | None = None,
-    capacity_bytes: int = CACHE_BYTES,
 ) -> list[LazyLevel]:
-    """``n_levels`` levels (factors 1, 2, 4, ...) of ``data`` sharing one :class:`ChunkResults`;
-    levels from ``first_placeholder`` on are placeholders.
+    """``n_levels`` levels (factors 1, 2, 4, ...) sharing ``results``; levels from
+    ``first_placeholder`` on are placeholders.
 
-    >>> levels = lazy_levels(da.zeros((40, 30), chunks=10), 3, first_placeholder=2)
+    >>> f = da.zeros((2, 40, 30), chunks=10)
+    >>> levels = lazy_levels(ChunkResults.of_features(f), 3, first_placeholder=2)
     >>> [(lv.shape, lv.placeholder) for lv in levels]
     [((40, 30), False), ((20, 15), False), ((10, 7), True)]
     """
-    results = data if isinstance(data, ChunkResults) else ChunkResults(data, capacity_bytes)
     first = n_levels if first_placeholder is None else first_placeholder
     return [
         LazyLevel(results, 2**k, labels=labels, placeholder=k >= first) for k in range(n_levels)

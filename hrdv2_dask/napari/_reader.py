@@ -55,7 +55,7 @@ from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
-from ._feature_levels import feature_mean, lazy_levels
+from ._feature_levels import ChunkResults, lazy_levels
 
 __all__ = [
     "LayerData",
@@ -380,7 +380,7 @@ def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     if n_levels == 1:
         return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
     # one ChunkResults: a level reuses its finer levels' chunk means
-    levels = lazy_levels(feature_mean(arr.data), n_levels, first_placeholder=first)
+    levels = lazy_levels(ChunkResults.of_features(arr.data), n_levels, first_placeholder=first)
     kwargs["multiscale"] = True
     if first < n_levels:
         kwargs["metadata"]["placeholder_levels"] = first

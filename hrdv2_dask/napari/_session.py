@@ -493,11 +493,7 @@ class Session:
         if not self.lazy(result):
             return np.asarray(result.data.values), place
         if result.chunks is None:
-            data = result.data.data
-            if result.kind == "pca":
-                data = da.concatenate([data, da.full_like(data[..., :1], 255)], axis=2)
-                data = data.rechunk({2: -1})
-            result.chunks = ChunkResults(data)
+            result.chunks = self._chunk_results(result)
         side = max(self.grid.shape)
         n_levels = max(
             _reader._levels_above(side, _reader.MULTISCALE_PX),
@@ -509,6 +505,25 @@ class Session:
         first = min(_reader.placeholder_from(n_levels, self.cell_bytes), n_levels - 1)
         levels = lazy_levels(result.chunks, n_levels, labels=result.labels, first_placeholder=first)
         return levels, place
+
+    def _chunk_results(self, result: Result) -> ChunkResults:
+        """``result``'s chunks, each computed from its own features (the PCA picture with an
+        alpha channel: 255, 0 in placeholders)."""
+        features, rgba, apply = self.features, result.kind == "pca", result.apply
+
+        def make(rows: slice, cols: slice) -> da.Array:
+            if apply is not None:
+                data = apply(features.isel(y=rows, x=cols)).data
+            else:  # slices of the whole grid's graph: slower (see ChunkResults)
+                data = result.data.data[rows, cols]
+            if rgba:
+                data = da.concatenate([data, da.full_like(data[..., :1], 255)], axis=2)
+            return data
+
+        shape = (*self.grid.shape, *result.data.shape[2:])
+        if rgba:
+            shape = (*shape[:2], 4)
+        return ChunkResults(make, shape, result.data.dtype, self.features.data.chunks[1:])
 
     # --- saving and exporting -------------------------------------------------------------
 

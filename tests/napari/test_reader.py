@@ -479,11 +479,11 @@ def test_source_opens_with_its_files_own_pyramid(tmp_path, monkeypatch):
 
 
 def test_feature_mean_keeps_chunk_means_for_regions_seen_again():
-    from hrdv2_dask.napari._feature_levels import ChunkResults, feature_mean, lazy_levels
+    from hrdv2_dask.napari._feature_levels import ChunkResults, lazy_levels
 
     values = _values(np.random.default_rng(15), (3, 40, 40))
     features = dask.array.from_array(values, chunks=(3, 10, 10))
-    means = ChunkResults(feature_mean(features), capacity_bytes=6 * 10 * 10 * 4)  # 6 chunks
+    means = ChunkResults.of_features(features, capacity_bytes=6 * 10 * 10 * 4)  # 6 chunks
     level0, level1 = lazy_levels(means, 2)
     np.testing.assert_allclose(level0[5:15, 12:28], values.mean(axis=0)[5:15, 12:28], rtol=1e-6)
     assert means.computed == 4  # rows 5:15 and cols 12:28 touch 2 x 2 chunks
