@@ -460,7 +460,6 @@ class Hrdv2Widget(QWidget):
             self.progress.setValue(int(1000 * done / max(total, 1)))
         elif what == "layer":
             self._show(*item[1:])
-            _freeze_heap()
 
     def _error(self, message: str) -> None:
         self.last_error = message
@@ -529,10 +528,10 @@ class Hrdv2Widget(QWidget):
 
 
 def _freeze_heap() -> None:
-    """Move every object alive now (napari's, Qt's, a store's graph) out of the garbage
-    collector's reach: a full collection then skips them. Without it, Python's full
-    collections while a result is computed froze the GUI thread 0.3-1 s each on a
-    gigapixel store (they hold the GIL; a cProfile of the heartbeat gaps shows them)."""
+    """Move every object alive now (napari's, Qt's, the store's) out of the garbage
+    collector's reach, once a store is opened: Python's full collections (they hold the
+    GIL) then skip them. Not after each layer: a replaced layer's cycles, not collected yet,
+    would never be."""
     import gc
 
     gc.freeze()
