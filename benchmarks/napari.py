@@ -16,8 +16,10 @@ every ``--heartbeat-ms`` records when the GUI thread is free; for each action:
 Each napari slicing mode runs in its own process (``--modes``): ``sync`` (napari's default:
 layers are sliced on the GUI thread) and ``async`` (napari's experimental asynchronous
 slicing, ``NAPARI_ASYNC=1``: slicing in a worker thread). Actions are ``(name, callable)``
-pairs taking the :class:`Session` (:func:`default_actions`), so widget actions can join the
-list. ``--quick``: a 8000² px source, 16 features, two pans (the smoke test).
+pairs taking the :class:`Session` (:func:`default_actions`); then the dock widget's
+(:func:`widget_actions`: click a similarity point, pan over the lazy full result, paint two
+classes and train, PCA), each done when its thread worker has finished and its layers are drawn.
+``--quick``: a 8000² px source, 16 features, two pans, results shown lazily (the smoke test).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "add_arguments",
     "default_actions",
     "gap_stats",
+    "widget_actions",
     "run",
     "run_session",
     "to_markdown",
@@ -67,6 +70,13 @@ class Session:
     plugin: str = "hrdv2-dask"
     beats: list[float] = field(default_factory=list)
     draws: list[float] = field(default_factory=list)
+    widget: Any = None  # the plugin's dock widget, once an action opened it
+    shows: list[tuple[float, float, bool]] = field(default_factory=list)  # (t0, ms, added)
+
+    @property
+    def busy(self) -> bool:
+        """Whether the widget runs a step (its thread worker)."""
+        return bool(self.widget is not None and self.widget.busy)
 
     @property
     def canvas(self) -> tuple[int, int]:
@@ -134,6 +144,80 @@ def _zoom_out(factor: float) -> Callable[[Session], None]:
         session.viewer.camera.zoom = session.viewer.camera.zoom / factor
 
     return zoom
+
+
+def _open_widget(session: Session) -> None:
+    from hrdv2_dask.napari._widget import Hrdv2Widget
+
+    widget = session.widget = Hrdv2Widget(session.viewer)
+    show = widget._show
+
+    def timed(*args: Any) -> None:  # how long each result layer's add or update takes
+        n = len(session.viewer.layers)
+        t0 = time.perf_counter()
+        show(*args)
+        ms = (time.perf_counter() - t0) * 1e3
+        session.shows.append((t0, round(ms, 1), len(session.viewer.layers) > n))
+
+    widget._show = timed
+    session.viewer.window.add_dock_widget(widget, name="HR-Dv2 analysis")
+
+
+def _view_centre(session: Session) -> tuple[float, float]:
+    y, x = session.viewer.camera.center[-2:]
+    return float(y), float(x)
+
+
+def _centre_zoom_in(session: Session) -> None:
+    """The image's centre at one output cell per screen pixel."""
+    session.viewer.reset_view()
+    session.viewer.camera.zoom = session.cell_zoom()
+
+
+def _click_point(session: Session) -> None:
+    """A query point at the view's centre (the widget's live update starts the similarity)."""
+    session.widget.new_points()
+    session.viewer.layers["query points"].add([list(_view_centre(session))])
+
+
+def _paint(session: Session) -> None:
+    """Back to the image's centre; a new scribbles layer; class 1 and class 2 strokes half a
+    screen apart (other chunks)."""
+    widget, viewer = session.widget, session.viewer
+    _centre_zoom_in(session)
+    widget.new_scribbles()
+    layer = viewer.layers["scribbles"]
+    y, x = _view_centre(session)
+    half = session.canvas[1] / viewer.camera.zoom / 4  # a quarter screen, in world units
+    for label, dx in ((1, -half), (2, half)):
+        cy, cx = (int(round(v)) for v in layer.world_to_data((y, x + dx))[-2:])
+        r = max(2, int(half / float(layer.scale[-1]) / 8))
+        layer.data[max(cy - r, 0) : cy + r, max(cx - 4 * r, 0) : cx + 4 * r] = label
+        log.info("class %d painted at data (%d, %d), half-height %d", label, cy, cx, r)
+    layer.refresh()
+
+
+def _train(session: Session) -> None:
+    session.widget.run_segment()
+
+
+def _pca(session: Session) -> None:
+    session.widget.run_pca()
+
+
+def widget_actions(pans: int = 2) -> list[Action]:
+    """The dock widget on the store, at one output cell per screen pixel: open it, click a
+    similarity point (the view, then the lazy full result), pan ``pans`` screens over it,
+    paint two classes, train + segment (the view first), PCA."""
+    return [
+        ("widget: open", _open_widget),
+        ("widget: centre, zoom in (1 cell per screen px)", _centre_zoom_in),
+        ("similarity: click a point", _click_point),
+        *[(f"similarity: pan one screen ({k + 1})", _pan) for k in range(pans)],
+        ("scribbles: centre, new layer, paint two classes", _paint),
+        ("train + segment", _train),
+        ("PCA", _pca),
+    ]
 
 
 def default_actions(pans: int = 4) -> list[Action]:
@@ -231,7 +315,7 @@ def run_session(
                     unloaded.append(time.perf_counter() - t0)
                 drew = len(session.draws) > n_draws
                 quiet = time.perf_counter() - (session.draws[-1] if drew else t0) > quiet_s
-                return layers_ready and drew and quiet
+                return layers_ready and drew and quiet and not session.busy
 
             done = _pump(app, settled, timeout_s)
             t1 = session.draws[-1] if len(session.draws) > n_draws else time.perf_counter()
@@ -244,6 +328,7 @@ def run_session(
                 "unloaded_after_s": round(unloaded[0], 3) if unloaded else None,
                 **gap_stats(session.beats, t0, t1),
                 "level": _levels(viewer),
+                **_widget_row(session, t0),
             }
             log.info("%s %s: %s", mode, name, row)
             rows.append(row)
@@ -256,6 +341,20 @@ def run_session(
         "canvas": list(canvas_size),
         "plugin_import_s": round(import_s, 2),
         "rows": rows,
+    }
+
+
+def _widget_row(session: Session, t0: float) -> dict[str, Any]:
+    """The widget's error and status after an action (when it is open), and the GUI-thread
+    milliseconds of each result layer's add (``add_ms``) or in-place update (``update_ms``)."""
+    if session.widget is None:
+        return {}
+    shows = [(ms, added) for t, ms, added in session.shows if t >= t0]
+    return {
+        "widget_error": session.widget.last_error,
+        "status": session.widget.status.text(),
+        "add_ms": [ms for ms, added in shows if added],
+        "update_ms": [ms for ms, added in shows if not added],
     }
 
 
@@ -279,7 +378,14 @@ def _levels(viewer: Any) -> list[int | None]:
 
 
 def _session_child(
-    out: str, store: str, mode: str, pans: int, view_bytes: float | None, **kwargs: Any
+    out: str,
+    store: str,
+    mode: str,
+    pans: int,
+    view_bytes: float | None,
+    widget_pans: int | None = None,
+    in_memory_bytes: float | None = None,
+    **kwargs: Any,
 ) -> None:
     # napari saves changed settings: to a file of this run, not the user's
     os.environ["NAPARI_CONFIG"] = str(Path(out).with_suffix(".napari.yaml"))
@@ -290,7 +396,14 @@ def _session_child(
         from hrdv2_dask.napari import _reader
 
         _reader.VIEW_BYTES = view_bytes
-    result = run_session(store, actions=default_actions(pans), mode=mode, **kwargs)
+    if in_memory_bytes is not None:
+        from hrdv2_dask.napari import _session
+
+        _session.IN_MEMORY_BYTES = in_memory_bytes
+    actions = default_actions(pans)
+    if widget_pans is not None:
+        actions += widget_actions(widget_pans)
+    result = run_session(store, actions=actions, mode=mode, **kwargs)
     Path(out).write_text(json.dumps(result))
 
 
@@ -301,6 +414,8 @@ def _isolated_session(
     pans: int,
     limit_s: float,
     view_bytes: float | None = None,
+    widget_pans: int | None = None,
+    in_memory_bytes: float | None = None,
     **kw: Any,
 ) -> dict[str, Any]:
     """:func:`run_session` in a fresh process (a frozen GUI thread cannot time itself out)."""
@@ -309,7 +424,7 @@ def _isolated_session(
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(
         target=_session_child,
-        args=(str(out), str(store), mode, pans, view_bytes),
+        args=(str(out), str(store), mode, pans, view_bytes, widget_pans, in_memory_bytes),
         kwargs=kw,
         daemon=True,
     )
@@ -352,8 +467,11 @@ def run_napari(
     heartbeat_ms: int,
     limit_s: float,
     view_bytes: float | None = None,
+    widget_pans: int | None = 2,
+    in_memory_bytes: float | None = None,
 ) -> dict[str, Any]:
-    """The suite's result: the synthetic store's recipe, one session per slicing mode."""
+    """The suite's result: the synthetic store's recipe, one session per slicing mode (with
+    :func:`widget_actions` after the default ones unless ``widget_pans`` is None)."""
     from hrdv2_dask.tiling import plan_tiles
 
     from .napari_store import write_gigapixel_store
@@ -381,7 +499,15 @@ def run_napari(
         recipe["whole_store_mean_s"] = round(recipe["chunk_mean_ms"] * recipe["chunks"] / 1e3)
         sessions = [
             _isolated_session(
-                work, store, mode, pans, limit_s, view_bytes, heartbeat_ms=heartbeat_ms
+                work,
+                store,
+                mode,
+                pans,
+                limit_s,
+                view_bytes,
+                widget_pans,
+                in_memory_bytes,
+                heartbeat_ms=heartbeat_ms,
             )
             for mode in modes
         ]
@@ -400,6 +526,8 @@ def run_napari(
             "pans": pans,
             "limit_s": limit_s,
             "view_bytes": view_bytes,
+            "widget_pans": widget_pans,
+            "in_memory_bytes": in_memory_bytes,
         },
         "sessions": sessions,
     }
@@ -426,6 +554,7 @@ COLUMNS = [
     Column("p99_ms", "p99 gap (ms)", "{:.0f}"),
     Column("drawn_s", "drawn after (s)", "{:.2f}"),
     Column("call_ms", "call (ms)", "{:.0f}"),
+    Column("shows", "layer add / update (ms)"),
     Column("levels", "levels shown"),
 ]
 
@@ -436,7 +565,19 @@ def to_markdown(result: dict[str, Any]) -> str:
     notes = []
     for session in result["sessions"]:
         for row in session["rows"]:
-            rows.append({**row, "levels": ", ".join(str(v) for v in row.get("level") or [])})
+            shows = " / ".join(
+                ", ".join(f"{v:.0f}" for v in row.get(k) or []) or "–"
+                for k in ("add_ms", "update_ms")
+            )
+            rows.append(
+                {
+                    **row,
+                    "levels": ", ".join(str(v) for v in row.get("level") or []),
+                    "shows": shows if "add_ms" in row else "",
+                }
+            )
+            if row.get("widget_error"):
+                notes.append(f"{session['mode']} {row['action']}: {row['widget_error']}")
         if session.get("killed_after_s"):
             notes.append(f"{session['mode']}: killed after {session['killed_after_s']:.0f} s.")
         if session.get("failed"):
@@ -491,7 +632,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="the reader's VIEW_BYTES (inf: no placeholder levels, as before; default: its own)",
     )
-    parser.add_argument("--quick", action="store_true", help="8000² px, 16 features, two pans")
+    parser.add_argument(
+        "--widget-pans",
+        type=int,
+        default=2,
+        help="pans over the lazy similarity in the widget actions (-1: no widget actions; "
+        "default: %(default)s)",
+    )
+    parser.add_argument(
+        "--in-memory-bytes",
+        type=float,
+        help="the widget's IN_MEMORY_BYTES (default: its own; --quick: 1e6, lazy results)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="8000² px, 16 features, two pans, lazy results"
+    )
 
 
 def run(args: argparse.Namespace, spec: BackboneSpec) -> dict[str, Any]:
@@ -506,6 +661,8 @@ def run(args: argparse.Namespace, spec: BackboneSpec) -> dict[str, Any]:
         pans=2 if quick else args.pans,
         modes=[m.strip() for m in args.modes.split(",") if m.strip()],
         heartbeat_ms=args.heartbeat_ms,
-        limit_s=120.0 if quick else args.limit_s,
+        limit_s=180.0 if quick else args.limit_s,
         view_bytes=args.view_bytes,
+        widget_pans=None if args.widget_pans < 0 else args.widget_pans,
+        in_memory_bytes=1e6 if quick and args.in_memory_bytes is None else args.in_memory_bytes,
     )

@@ -415,9 +415,10 @@ def test_gigapixel_store_opens_like_a_real_one(tmp_path):
     assert source["pixel_size"] == [0.5, 0.5] and source["shape"] == [2400, 2400, 3]
 
 
-@pytest.mark.slow  # two napari viewers under Xvfb: ~40 s on 2 cores
+@pytest.mark.slow  # two napari viewers under Xvfb: ~80 s on 2 cores
 def test_napari_smoke(tmp_path):
-    """``napari --quick``: every action of both slicing modes is measured and drawn."""
+    """``napari --quick``: every action of both slicing modes, the widget's included, is
+    measured and drawn."""
     pytest.importorskip("napari", exc_type=ImportError)
     if not os.environ.get("DISPLAY"):
         pytest.skip("no display: run under xvfb-run")
@@ -427,8 +428,12 @@ def test_napari_smoke(tmp_path):
     for session in result["sessions"]:
         names = [r["action"] for r in session["rows"]]
         assert names[:3] == ["redraw, empty viewer (baseline)", "open", "full view"]
-        assert len(names) == 8 and session["canvas"][0] > 0
+        assert len(names) == 16 and session["canvas"][0] > 0  # 8 viewer, 8 widget actions
+        assert names[8] == "widget: open" and names[-2:] == ["train + segment", "PCA"]
         for row in session["rows"]:
             assert not row["timed_out"] and row["max_ms"] > 0 and row["beats"] > 0, row
             assert row["p99_ms"] <= row["max_ms"]
+            assert row.get("widget_error") is None, row
+        click = session["rows"][names.index("similarity: click a point")]
+        assert len(click["add_ms"]) == 1  # the lazy layer (the view only filled its chunks)
     assert "longest stall" in (tmp_path / "napari.md").read_text()

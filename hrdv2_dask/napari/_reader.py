@@ -25,8 +25,8 @@ What opens as what (:func:`path_kind`):
   :func:`hrdv2_dask.io.outputs.write_array`: an image.
 
 Big stores: above :data:`MULTISCALE_PX` cells a layer is a lazy pyramid; a feature store's is
-made of :class:`~._feature_levels.FeatureMean` levels (a read computes only its region's
-chunks and keeps their means), and levels whose screenful would read more than
+made of :class:`~._feature_levels.LazyLevel` levels of the feature mean (a read computes only
+its region's chunks and keeps their means), and levels whose screenful would read more than
 :data:`VIEW_BYTES` are transparent placeholders (zoom in to see the features). The source
 image opens with its file's own pyramid levels.
 
@@ -55,7 +55,7 @@ from ..errors import Hrdv2Error, StoreError
 from ..io.collection import COLLECTION, open_collection
 from ..io.readers import open_image
 from ..io.store import ATTR, open_features
-from ._feature_levels import ChunkMeans, FeatureMean
+from ._feature_levels import ChunkResults, lazy_levels
 
 __all__ = [
     "LayerData",
@@ -368,35 +368,41 @@ def _multiscale(layer: LayerData) -> LayerData:
 
 def _features_layer(arr: xr.DataArray, name: str, path: Path) -> LayerData:
     """The mean over the features: a dask array; above :data:`MULTISCALE_PX` cells, a pyramid
-    of :class:`FeatureMean` levels (each indexing reads only its region), whose levels from
-    :func:`placeholder_from` on are NaN placeholders."""
+    of :class:`~._feature_levels.LazyLevel` levels (each indexing reads only its region),
+    whose levels from :func:`placeholder_from` on are NaN placeholders (:func:`level_plan`)."""
     cell_bytes = arr.sizes["feature"] * arr.dtype.itemsize  # a cell's mean reads them all
     kwargs: dict[str, Any] = {
         "name": f"{name}: mean of {arr.sizes['feature']} features",
         "metadata": _meta("features", path, arr, bytes_per_cell=cell_bytes),
         **_placement(arr, drop="feature"),
     }
-    side = max(arr.shape[1:])
-    n_levels = _levels_above(side, MULTISCALE_PX)
-    # placeholders cost nothing: with any, levels go on down to about a screen, so that
-    # napari's overview and thumbnail are small; a store below MULTISCALE_PX whose overview
-    # would read too much (4096² cells of 384 float16 features: 12.9 GB) gets them too
-    n_all = max(n_levels, _levels_above(side, PLACEHOLDER_PX))
-    first = placeholder_from(n_all, cell_bytes)
-    if first < n_all:
-        n_levels = n_all
+    n_levels, first = level_plan(max(arr.shape[1:]), cell_bytes)
     if n_levels == 1:
         return arr.data.mean(axis=0), kwargs, "image"  # one task per (y, x) chunk
-    means = ChunkMeans(arr.data)  # shared: a level reuses its finer levels' chunk means
-    levels = [
-        FeatureMean(arr.data, 2**k, placeholder=k >= first, means=means) for k in range(n_levels)
-    ]
+    # one ChunkResults: a level reuses its finer levels' chunk means
+    levels = lazy_levels(ChunkResults.of_features(arr.data), n_levels, first_placeholder=first)
     kwargs["multiscale"] = True
     if first < n_levels:
         kwargs["metadata"]["placeholder_levels"] = first
         # napari's own limits would come from the coarsest level: a placeholder
         kwargs["contrast_limits"] = central_limits(_centre_chunk(arr.data).mean(axis=0))
     return levels, kwargs, "image"
+
+
+def level_plan(side: int, cell_bytes: float) -> tuple[int, int]:
+    """``(levels, first placeholder level)`` of a lazy pyramid of a ``side``-cell grid that
+    reads ``cell_bytes`` per level-0 cell: levels down to :data:`MULTISCALE_PX` cells; with
+    placeholders (they cost nothing), on down to :data:`PLACEHOLDER_PX`, so that napari's
+    overview and thumbnail are small. A grid below MULTISCALE_PX whose overview would read too
+    much (4096² cells of 384 float16 features: 12.9 GB) gets them too.
+
+    >>> level_plan(25000, 768), level_plan(25000, 4), level_plan(900, 4)
+    ((6, 1), (6, 4), (1, 1))
+    """
+    n_levels = _levels_above(side, MULTISCALE_PX)
+    n_all = max(n_levels, _levels_above(side, PLACEHOLDER_PX))
+    first = placeholder_from(n_all, cell_bytes)
+    return (n_all, first) if first < n_all else (n_levels, min(first, n_levels))
 
 
 def _levels_above(side: int, px: int) -> int:

@@ -12,7 +12,11 @@ the grid, which :func:`~hrdv2_dask.analysis.segment.fit_segmenter` reduces to ce
 
 Every result is lazy (one dask task per chunk, as in :mod:`hrdv2_dask.analysis`). The widget
 shows it twice: first the cells in view, subsampled to about the screen's pixel count
-(:meth:`Grid.window`, :meth:`Session.view`), then the whole grid (:meth:`Session.full`).
+(:meth:`Grid.window`, :meth:`Session.view`), then the whole grid (:meth:`Session.full`): in
+memory when computing it reads at most :data:`IN_MEMORY_BYTES` of features, else as lazy
+pyramid levels (:class:`~._feature_levels.LazyLevel`) that compute only the chunks napari
+shows, where and when it shows them, and keep them (the view at full resolution fills the
+same kept chunks, so napari then reads them for free).
 """
 
 from __future__ import annotations
@@ -20,14 +24,13 @@ from __future__ import annotations
 import math
 import os
 import queue
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 import xarray as xr
 
@@ -46,26 +49,27 @@ from ..analysis import (
     pca_rgb,
     similarity,
 )
-from ..analysis._common import run_attrs
+from ..analysis._common import feature_data, run_attrs
 from ..analysis._saved import saved
 from ..analysis.collection import check_settings
 from ..analysis.kmeans import write_clusters
 from ..analysis.pca import write_pca
 from ..analysis.segment import write_segmentation
-from ..analysis.similarity import run_similarity
+from ..analysis.similarity import _cosine, run_similarity
 from ..errors import InputError
-from ..io import outputs
 from ..io.collection import open_collection
 from ..io.store import open_features
-from ._reader import grid_placement, path_kind
+from . import _reader
+from ._feature_levels import ChunkResults, LazyLevel, lazy_levels
+from ._reader import VIEW_BYTES, grid_placement, path_kind
 
-__all__ = ["IN_MEMORY_CELLS", "KINDS", "Grid", "Result", "Session", "one_line", "with_progress"]
+__all__ = ["IN_MEMORY_BYTES", "KINDS", "Grid", "Result", "Session", "one_line", "with_progress"]
 
 #: The result kinds, in the widget's order.
 KINDS = ("similarity", "segmentation", "pca", "clusters")
-#: A whole result up to this many cells is computed into memory; a larger one is written to a
-#: scratch Zarr store and shown from there.
-IN_MEMORY_CELLS = 4096 * 4096
+#: A whole result whose computation reads at most this many bytes of features is computed
+#: into memory; a larger one is shown as lazy levels (computed where napari shows them).
+IN_MEMORY_BYTES = VIEW_BYTES
 _TOL = 1e-3  # of a pixel: placements that differ by less are the same
 
 
@@ -161,7 +165,8 @@ class Grid:
             if i1 <= i0:
                 return None
             out.append((i0, i1))
-            n.append((i1 - i0) / max(1, int(screen[a])))
+            # cells per screen pixel from the view's extent (its cell count has one more)
+            n.append((hi[a] - lo[a]) / s / max(1, int(screen[a])))
         step = max(1, math.ceil(max(n) - 1e-9))
         return slice(*out[0], step), slice(*out[1], step)
 
@@ -280,7 +285,8 @@ class Result:
 
     ``model`` is the fitted model (None for similarity), ``info`` what the fit reports
     (query cells, training accuracy...), ``apply`` the per-cell function that made ``data``
-    from the features, when there is one (then a view runs it on the cells shown only).
+    from the features, when there is one (then a view runs it on the cells shown only);
+    ``chunks`` the kept chunks of ``data`` once it is shown lazily (:meth:`Session.full`).
     """
 
     kind: str
@@ -288,6 +294,7 @@ class Result:
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
     apply: Callable[[xr.DataArray], xr.DataArray] | None = field(default=None, repr=False)
+    chunks: ChunkResults | None = field(default=None, repr=False)
 
     @property
     def labels(self) -> bool:
@@ -327,7 +334,6 @@ class Session:
                 f"{(self.features.sizes['y'], self.features.sizes['x'])}; reopen the store."
             )
         self.results: dict[str, Result] = {}
-        self._scratch: Path | None = None
 
     @property
     def stride(self) -> int:
@@ -349,8 +355,19 @@ class Session:
     def similarity(self, world: Any) -> Result:
         """Cosine similarity to the mean feature of the cells under world points ``(n, 2)``."""
         cells = self.grid.cells(world)
-        data = similarity(self.features, points=cells)
-        return self._keep(Result("similarity", data, info={"points": cells.tolist()}))
+        sim = similarity(self.features, points=cells)  # checks the points; its query is lazy
+        ys, xs = cells[:, 0], cells[:, 1]
+        _, data = feature_data(self.features)
+        # the query now (the chunks of the points): a lazy map would read them per compute
+        query = np.asarray(data.vindex[:, ys, xs].astype(np.float32).mean(axis=0).compute())
+
+        def apply(features: xr.DataArray) -> xr.DataArray:
+            features, fdata = feature_data(features)
+            q = da.from_array(query, chunks=-1)
+            return _cosine(features, fdata, q, dict(sim.attrs), np.dtype(np.float32))
+
+        info = {"points": cells.tolist()}
+        return self._keep(Result("similarity", apply(self.features), info=info, apply=apply))
 
     def segment(
         self,
@@ -434,40 +451,79 @@ class Session:
     ) -> tuple[np.ndarray, dict[str, Any]]:
         """The cells of ``window`` (from :meth:`Grid.window`), computed, and their placement.
 
-        A model runs on those cells only (every ``step``-th); the chunks they lie in are read.
+        At full resolution (step 1) of a lazily shown result, its kept chunks (computed where
+        missing: napari then draws them without computing); else a model runs on those
+        cells only (every ``step``-th); the chunks they lie in are read.
         """
         rows, cols = window
-        if result.apply is not None:
+        if result.chunks is not None and rows.step == cols.step == 1:
+            data = result.chunks.region(rows.start, rows.stop, cols.start, cols.stop)
+            data = data[..., :3] if result.kind == "pca" else data  # without full()'s alpha
+        elif result.apply is not None:
             data = np.asarray(result.apply(self.features.isel(y=rows, x=cols)).values)
         else:
             data = np.asarray(result.data.isel(y=rows, x=cols).values)
         scale, translate = self.grid.placement(rows, cols)
         return data, {"scale": scale, "translate": translate}
 
-    def full(self, result: Result) -> tuple[Any, dict[str, Any]]:
-        """Every cell of ``result``: computed into memory up to :data:`IN_MEMORY_CELLS`, else
-        written to a scratch Zarr store (removed by :meth:`close`) and read lazily from it."""
+    @property
+    def cell_bytes(self) -> int:
+        """Bytes of features read per cell by any result."""
+        return int(self.features.sizes["feature"] * self.features.dtype.itemsize)
+
+    def lazy(self, result: Result) -> bool:
+        """Whether :meth:`full` shows ``result`` as lazy levels (its whole computation would
+        read more than :data:`IN_MEMORY_BYTES`)."""
+        return self.grid.shape[0] * self.grid.shape[1] * self.cell_bytes > IN_MEMORY_BYTES
+
+    def full(self, result: Result) -> tuple[np.ndarray | list[LazyLevel], dict[str, Any]]:
+        """Every cell of ``result`` and its placement: computed into memory, or (when
+        :meth:`lazy`) pyramid levels computing only the chunks napari shows.
+
+        Lazy levels: levels 2x smaller down to the reader's ``PLACEHOLDER_PX`` (at least two:
+        napari reads a one-level image whole), placeholders (transparent: the view shows
+        through) from the first whose screen would read more than the reader's
+        ``VIEW_BYTES``, the coarsest always (napari reads it whole for its thumbnail); labels
+        take every other cell, images the 2x2 mean; the PCA picture gets an alpha channel
+        (0 in placeholders). Their chunks are kept (:attr:`Result.chunks`, shared with
+        :meth:`view`).
+        """
         scale, translate = self.grid.placement(slice(0, None, 1), slice(0, None, 1))
         place = {"scale": scale, "translate": translate}
-        if self.grid.shape[0] * self.grid.shape[1] <= IN_MEMORY_CELLS:
+        if not self.lazy(result):
             return np.asarray(result.data.values), place
-        if self._scratch is None:
-            self._scratch = Path(tempfile.mkdtemp(prefix="hrdv2-napari-"))
-        path = self._scratch / f"{result.kind}.zarr"
-        arr = result.data
-        if result.labels:
-            outputs.write_labels(arr, path, overwrite=True)
-            var = "labels"
-        else:
-            outputs.write_array(arr, path, overwrite=True)
-            var = str(arr.name)
-        return xr.open_zarr(path, consolidated=False, zarr_format=3)[var].data, place
+        if result.chunks is None:
+            result.chunks = self._chunk_results(result)
+        side = max(self.grid.shape)
+        n_levels = max(
+            _reader._levels_above(side, _reader.MULTISCALE_PX),
+            _reader._levels_above(side, _reader.PLACEHOLDER_PX),
+            2,
+        )
+        # napari computes the coarsest level whole on the GUI thread (its thumbnail) when
+        # the layer is made: a placeholder
+        first = min(_reader.placeholder_from(n_levels, self.cell_bytes), n_levels - 1)
+        levels = lazy_levels(result.chunks, n_levels, labels=result.labels, first_placeholder=first)
+        return levels, place
 
-    def close(self) -> None:
-        """Remove the scratch store of :meth:`full`."""
-        if self._scratch is not None:
-            shutil.rmtree(self._scratch, ignore_errors=True)
-            self._scratch = None
+    def _chunk_results(self, result: Result) -> ChunkResults:
+        """``result``'s chunks, each computed from its own features (the PCA picture with an
+        alpha channel: 255, 0 in placeholders)."""
+        features, rgba, apply = self.features, result.kind == "pca", result.apply
+
+        def make(rows: slice, cols: slice) -> da.Array:
+            if apply is not None:
+                data = apply(features.isel(y=rows, x=cols)).data
+            else:  # slices of the whole grid's graph: slower (see ChunkResults)
+                data = result.data.data[rows, cols]
+            if rgba:
+                data = da.concatenate([data, da.full_like(data[..., :1], 255)], axis=2)
+            return data
+
+        shape = (*self.grid.shape, *result.data.shape[2:])
+        if rgba:
+            shape = (*shape[:2], 4)
+        return ChunkResults(make, shape, result.data.dtype, self.features.data.chunks[1:])
 
     # --- saving and exporting -------------------------------------------------------------
 

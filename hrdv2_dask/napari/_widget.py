@@ -33,7 +33,6 @@ from qtpy.QtWidgets import (
 
 from ..analysis import KMeansOptions, SegmentOptions
 from ..errors import InputError
-from ._reader import pyramid
 from ._session import KINDS, Grid, Result, Session, one_line, with_progress
 
 if TYPE_CHECKING:
@@ -42,6 +41,9 @@ if TYPE_CHECKING:
 __all__ = ["Hrdv2Widget"]
 
 _PLUGIN = "hrdv2-dask"
+#: A new result layer is made hidden and shown this much later: the event loop runs between
+#: its making and its first draw (two shorter stalls, not one).
+_SHOW_AFTER_MS = 15
 
 
 def _notify_error(message: str) -> None:
@@ -256,6 +258,7 @@ class Hrdv2Widget(QWidget):
         key = (layer.metadata["path"], grid)
         if key not in self._sessions:
             self._sessions[key] = Session(layer.metadata["path"], grid)
+            _freeze_heap()
         return self._sessions[key]
 
     def _camera(self) -> Any:
@@ -331,12 +334,16 @@ class Hrdv2Widget(QWidget):
             layer = self._layer(
                 self.labels_layer, "No scribbles layer; press New scribbles and paint 1 and 2."
             )
-            labels = np.array(layer.data, copy=True)  # the user may paint on meanwhile
+            labels = layer.data
             scale, translate = tuple(layer.scale[-2:]), tuple(layer.translate[-2:])
         except Exception as err:  # noqa: BLE001
             self._error(one_line(err))
             return
         method = self.method.currentText()
+
+        # not copied here (a scribbles layer on 25,000² cells is 625 MB: a 1.1 s freeze of the
+        # GUI thread): the worker crops the labelled part (Grid.scribbles copies it); strokes
+        # painted meanwhile may or may not count
         self._analyse(lambda s: s.segment(labels, scale, translate, method=method))
 
     def run_pca(self) -> None:
@@ -398,12 +405,16 @@ class Hrdv2Widget(QWidget):
 
         def work(session: Session) -> Iterator[Any]:
             result = make(session)
-            if window is not None and window != (
-                slice(0, session.grid.shape[0], 1),
-                slice(0, session.grid.shape[1], 1),
-            ):
-                yield "layer", session, result, *session.view(result, window)
-            yield "layer", session, result, *session.full(result)
+            lazy = session.lazy(result)
+            # lazy levels cost nothing yet; a full-resolution view fills their kept chunks
+            full = session.full(result) if lazy else None
+            whole = (slice(0, session.grid.shape[0], 1), slice(0, session.grid.shape[1], 1))
+            if window is not None and (lazy or window != whole):
+                # at full resolution a lazy result's view only fills the kept chunks (the
+                # lazy layer shows the same cells): no second layer to make
+                role = ("fill" if window[0].step == 1 else "view") if lazy else ""
+                yield "layer", session, result, *session.view(result, window), role
+            yield "layer", session, result, *(full or session.full(result)), ""
             yield "status", _describe(result)
 
         self._start(work)
@@ -455,45 +466,82 @@ class Hrdv2Widget(QWidget):
         self.status.setText(message)
         _notify_error(message)
 
-    def _show(self, session: Session, result: Result, data: Any, place: dict) -> None:
-        """Add or update the result's layer (in place when the data are in memory)."""
+    def _show(self, session: Session, result: Result, data: Any, place: dict, role: str) -> None:
+        """Add or update the result's layer, in place where it exists: making a napari layer
+        is what stalls the GUI thread (100-200 ms here: its controls, its vispy visual, its
+        first draw), not a data update.
+
+        ``role`` "": the in-memory result (a view or the whole grid) or the lazy levels of a
+        big grid, to the layer ``STORE: KIND``. "view": a zoomed-out view of a lazily shown
+        result, to ``STORE: KIND (view)`` under it (it shows through the lazy layer's
+        placeholder levels). "fill": a full-resolution view of one, which only updates that
+        layer if there is one. For both, the lazy layer, stale until its new levels come, is
+        hidden. A new layer is made hidden and shown :data:`_SHOW_AFTER_MS` later, so that its
+        making and its first draw are two shorter stalls.
+        """
         name = f"{session.name}: {result.kind}"
         meta = {"hrdv2_kind": result.kind, "path": str(session.path)}
-        multiscale = not isinstance(data, np.ndarray)
-        levels = pyramid(data, labels=result.labels) if multiscale else None
-        if levels is not None and len(levels) == 1:
-            data, multiscale = levels[0], False
+        multiscale = isinstance(data, list)
+        if role:
+            if name in self.viewer.layers:
+                self.viewer.layers[name].visible = False
+            name = f"{name} (view)"
         old = self.viewer.layers[name] if name in self.viewer.layers else None
-        if old is not None and not multiscale and not old.multiscale:
+        if old is not None and bool(old.multiscale) == multiscale and _same_kind(old, data):
             old.data = data
             old.scale, old.translate = place["scale"], place["translate"]
             old.metadata.update(meta)
             if result.kind == "similarity":
                 old.contrast_limits = (0.0, 1.0)
+            old.visible = True
             return
-        kwargs: dict[str, Any] = {"name": name, "metadata": meta, **place}
-        if multiscale:
-            data, kwargs["multiscale"] = levels, True
+        if role == "fill":
+            return
+        kwargs: dict[str, Any] = {"name": name, "metadata": meta, "multiscale": multiscale}
+        kwargs.update(place, visible=False)
         if old is not None:
             kwargs["opacity"] = old.opacity
             self.viewer.layers.remove(old)
         if result.labels:
-            self.viewer.add_labels(data, opacity=kwargs.pop("opacity", 0.6), **kwargs)
+            layer = self.viewer.add_labels(data, opacity=kwargs.pop("opacity", 0.6), **kwargs)
         elif result.kind == "pca":
-            self.viewer.add_image(data, rgb=True, opacity=kwargs.pop("opacity", 0.7), **kwargs)
+            layer = self.viewer.add_image(
+                data, rgb=True, opacity=kwargs.pop("opacity", 0.7), **kwargs
+            )
         else:
-            self.viewer.add_image(
+            layer = self.viewer.add_image(
                 data,
                 colormap="inferno",
                 contrast_limits=(0.0, 1.0),
                 opacity=kwargs.pop("opacity", 0.7),
                 **kwargs,
             )
+        if role:  # the view under the lazy layer
+            main = name.removesuffix(" (view)")
+            if main in self.viewer.layers:
+                at, here = self.viewer.layers.index(main), self.viewer.layers.index(layer)
+                if here > at:
+                    self.viewer.layers.move(here, at)
+        from qtpy.QtCore import QTimer
 
-    def closeEvent(self, event: Any) -> None:  # noqa: N802 - Qt's name
-        for session in self._sessions.values():
-            session.close()
-        super().closeEvent(event)
+        QTimer.singleShot(_SHOW_AFTER_MS, lambda: setattr(layer, "visible", True))
+
+
+def _freeze_heap() -> None:
+    """Move every object alive now (napari's, Qt's, the store's) out of the garbage
+    collector's reach, once a store is opened: Python's full collections (they hold the
+    GIL) then skip them. Not after each layer: a replaced layer's cycles, not collected yet,
+    would never be."""
+    import gc
+
+    gc.freeze()
+
+
+def _same_kind(layer: Any, data: Any) -> bool:
+    """Whether ``data`` can replace ``layer``'s in place (same number of channels)."""
+    first = data[0] if isinstance(data, list) else data
+    old = layer.data[0] if layer.multiscale else layer.data
+    return len(first.shape) == len(old.shape) and first.shape[2:] == old.shape[2:]
 
 
 def _describe(result: Result) -> str:

@@ -432,7 +432,7 @@ def test_coarse_levels_that_would_read_too_much_are_transparent_placeholders(tmp
     values = _values(np.random.default_rng(13), (3, 21, 12))
     [(levels, kwargs, _)] = _read(write_store(tmp_path / "f.zarr", values, chunk=8))
     assert [lv.shape for lv in levels] == [(21, 12), (10, 6), (5, 3)]
-    assert type(levels[0]).__name__ == "FeatureMean"  # reads only the region napari asks for
+    assert type(levels[0]).__name__ == "LazyLevel"  # reads only the region napari asks for
     np.testing.assert_allclose(levels[0][3:9, 2], values.mean(axis=0)[3:9, 2], rtol=1e-5)
     assert kwargs["metadata"]["bytes_per_cell"] == cell_bytes
     assert kwargs["metadata"]["placeholder_levels"] == 2
@@ -479,12 +479,12 @@ def test_source_opens_with_its_files_own_pyramid(tmp_path, monkeypatch):
 
 
 def test_feature_mean_keeps_chunk_means_for_regions_seen_again():
-    from hrdv2_dask.napari._feature_levels import ChunkMeans, FeatureMean
+    from hrdv2_dask.napari._feature_levels import ChunkResults, lazy_levels
 
     values = _values(np.random.default_rng(15), (3, 40, 40))
     features = dask.array.from_array(values, chunks=(3, 10, 10))
-    means = ChunkMeans(features, capacity_bytes=6 * 10 * 10 * 4)  # room for 6 chunk means
-    level0, level1 = FeatureMean(features, means=means), FeatureMean(features, 2, means=means)
+    means = ChunkResults.of_features(features, capacity_bytes=6 * 10 * 10 * 4)  # 6 chunks
+    level0, level1 = lazy_levels(means, 2)
     np.testing.assert_allclose(level0[5:15, 12:28], values.mean(axis=0)[5:15, 12:28], rtol=1e-6)
     assert means.computed == 4  # rows 5:15 and cols 12:28 touch 2 x 2 chunks
     mean = values.mean(axis=0)

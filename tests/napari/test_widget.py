@@ -152,3 +152,67 @@ def test_scripted_session(planted_store, viewer_and_widget, tmp_path):  # noqa: 
     viewer.layers["query points"].add([[500.0, 5.0]])  # updates on the click
     wait()
     assert widget.last_error.startswith("Point (y=500.0, x=5.0) is outside the features")
+
+
+def test_big_results_show_as_lazy_levels_over_their_view(
+    planted_store,  # noqa: F811
+    viewer_and_widget,
+    monkeypatch,
+    request,
+):
+    """Above IN_MEMORY_BYTES a result is a multiscale layer of lazy levels (its chunks computed
+    as napari shows them) over the in-memory view; a new result updates both in place."""
+    from hrdv2_dask.napari import _session
+
+    monkeypatch.setattr(_session, "IN_MEMORY_BYTES", 100)
+    path, _, truth = planted_store
+    viewer, widget, wait = viewer_and_widget
+    widget.store_path.setText(str(path))
+    widget.open_store()
+    camera = widget._camera()
+    camera.center, camera.zoom = (56.0, 56.0), 8.0 * max(viewer.canvas.size) / 800
+    qtbot = request.getfixturevalue("qtbot")
+
+    def wait_visible(layers):  # a new layer is shown on the event loop's next turn
+        qtbot.waitUntil(lambda: all(ly.visible for ly in layers), timeout=5000)
+
+    widget._view_window = lambda s: (slice(0, 16, 3), slice(0, 16, 3))  # zoomed out: step 3
+    widget.new_points()
+    viewer.layers["query points"].add([[50.0, 50.0]])
+    wait()
+    assert widget.last_error is None, widget.last_error
+    lazy, view = viewer.layers["f.zarr: similarity"], viewer.layers["f.zarr: similarity (view)"]
+    assert lazy.multiscale and type(lazy.data[0]).__name__ == "LazyLevel"
+    assert not view.multiscale and max(view.data.shape) < 16  # every step-th cell
+    wait_visible([lazy, view])
+    assert viewer.layers.index(view) < viewer.layers.index(lazy)  # the view under it
+    session = widget.session()
+    eager = session.results["similarity"].data.values
+    np.testing.assert_array_equal(np.asarray(lazy.data[0]), eager)
+    np.testing.assert_allclose(np.asarray(lazy.data[0])[7, 7], 1.0, atol=1e-5)
+
+    del widget._view_window  # zoomed in (step 1): the view fills the kept chunks
+    n_layers = len(viewer.layers)
+    viewer.layers["query points"].add([[20.0, 90.0]])  # updates the same two layers in place
+    wait()
+    wait_visible([lazy])
+    assert len(viewer.layers) == n_layers and viewer.layers["f.zarr: similarity"] is lazy
+    assert float(np.asarray(lazy.data[0])[7, 7]) < 1
+    chunks = session.results["similarity"].chunks
+    assert chunks.computed > 0  # the view filled them
+    y0, x0 = (round((t - 3) / 7) for t in view.translate)  # cell (0, 0) is at 3, cells of 7
+    assert tuple(view.scale) == (7, 7)  # at full resolution, updated in place
+    h, w = view.data.shape
+    np.testing.assert_array_equal(
+        view.data, session.results["similarity"].data.values[y0 : y0 + h, x0 : x0 + w]
+    )
+
+    widget.new_scribbles()
+    viewer.layers["scribbles"].data = scribbles_of(truth)
+    widget.run_segment()
+    wait()
+    seg = viewer.layers["f.zarr: segmentation"]
+    assert type(seg).__name__ == "Labels" and seg.multiscale
+    np.testing.assert_array_equal(
+        np.asarray(seg.data[0]), session.results["segmentation"].data.values
+    )

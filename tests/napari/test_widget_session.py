@@ -105,17 +105,76 @@ def test_view_equals_the_same_cells_of_the_full_result(store):
     np.testing.assert_array_equal(centres, 1.5 + (rows.start + k * rows.step) * 4.0)
 
 
-def test_full_result_of_a_big_grid_goes_through_a_scratch_store(store, monkeypatch):
-    monkeypatch.setattr(_session, "IN_MEMORY_CELLS", 10)
-    session = Session(store)
-    result = session.pca(n_samples=400)
-    data, _ = session.full(result)
-    assert not isinstance(data, np.ndarray) and data.shape == (20, 24, 3)
-    np.testing.assert_array_equal(np.asarray(data), result.data.values)
-    scratch = session._scratch
-    assert scratch is not None and (scratch / "pca.zarr").is_dir()
-    session.close()
-    assert not scratch.exists()
+@pytest.mark.parametrize("kind", ["similarity", "segmentation", "pca", "clusters"])
+def test_a_big_full_result_is_lazy_levels_computing_only_the_chunks_shown(
+    planted_store, kind, monkeypatch
+):
+    """Above IN_MEMORY_BYTES the whole result is pyramid levels: a region equals the same
+    cells of the eager result and computes only its chunks; labels levels subsample."""
+    from hrdv2_dask.napari import _reader
+
+    path, _, truth = planted_store  # 16 x 16 cells, chunks of 8
+    monkeypatch.setattr(_session, "IN_MEMORY_BYTES", 100)
+    monkeypatch.setattr(_reader, "PLACEHOLDER_PX", 4)  # levels of 16, 8, 4 cells a side
+    monkeypatch.setattr(_reader, "VIEW_BYTES", 2**62)  # level 1 real too (else a placeholder)
+    session = Session(path)
+    result = {
+        "similarity": lambda: session.similarity([[50.0, 50.0]]),
+        "segmentation": lambda: session.segment(scribbles_of(truth)),
+        "pca": lambda: session.pca(n_samples=200),
+        "clusters": lambda: session.clusters(k=3, n_samples=200),
+    }[kind]()
+    eager = np.asarray(result.data.values)
+    assert session.lazy(result)
+    levels, place = session.full(result)
+    assert place == {"scale": (7.0, 7.0), "translate": (3.0, 3.0)}
+    assert [lv.shape[:2] for lv in levels] == [(16, 16), (8, 8), (4, 4)]
+    assert [lv.placeholder for lv in levels] == [False, False, True]  # the coarsest always
+    assert result.chunks.computed == 0  # nothing computed before napari asks
+    edges = [np.cumsum((0, *c)) for c in result.data.data.chunks[:2]]
+    assert len(edges[0]) > 3 and len(edges[1]) > 3  # several chunks a side
+
+    def touched(y0, y1, x0, x1):
+        rows = {j for j in range(len(edges[0]) - 1) if edges[0][j] < y1 and edges[0][j + 1] > y0}
+        cols = {i for i in range(len(edges[1]) - 1) if edges[1][i] < x1 and edges[1][i + 1] > x0}
+        return len(rows) * len(cols)
+
+    region = levels[0][3:7, 9:13]
+    assert result.chunks.computed == touched(3, 7, 9, 13) < touched(0, 16, 0, 16)
+    if kind == "pca":  # with an alpha channel (0 in placeholder levels)
+        assert region.shape == (4, 4, 4) and (region[..., 3] == 255).all()
+        region = region[..., :3]
+    np.testing.assert_array_equal(region, eager[3:7, 9:13])
+    whole = np.asarray(levels[0])
+    np.testing.assert_array_equal(whole[..., :3] if kind == "pca" else whole, eager)
+    assert result.chunks.computed == touched(0, 16, 0, 16)
+    coarse = np.asarray(levels[1])
+    assert result.chunks.computed == touched(0, 16, 0, 16)  # from the kept chunks
+    if result.labels:
+        np.testing.assert_array_equal(coarse, eager[::2, ::2])
+    elif kind == "similarity":
+        np.testing.assert_allclose(coarse, eager.reshape(8, 2, 8, 2).mean(axis=(1, 3)), rtol=1e-6)
+    monkeypatch.setattr(_reader, "VIEW_BYTES", 1)
+    fresh = Session(path).full(result)[0]
+    assert fresh[1].placeholder and not fresh[0].placeholder
+    fill = fresh[1][:, :]
+    assert (np.isnan(fill) if kind == "similarity" else fill == 0).all()
+
+
+def test_a_view_at_full_resolution_fills_the_lazy_levels_chunks(planted_store, monkeypatch):
+    path, _, _ = planted_store
+    monkeypatch.setattr(_session, "IN_MEMORY_BYTES", 100)
+    session = Session(path)
+    result = session.pca(n_samples=200)
+    levels, _ = session.full(result)
+    window = session.grid.window((0.0, 0.0), (40.0, 40.0), (100, 100))  # cells 0:6, step 1
+    view, _ = session.view(result, window)
+    assert view.shape == (6, 6, 3)
+    n = result.chunks.computed
+    assert 0 < n < len(result.data.data.chunks[0]) * len(result.data.data.chunks[1])
+    np.testing.assert_array_equal(view, result.data.values[:6, :6])
+    np.testing.assert_array_equal(levels[0][0:6, 0:6, :3], view)
+    assert result.chunks.computed == n  # napari's read of the view: nothing more
 
 
 def test_scribbles_on_source_pixels_on_cells_and_on_a_bigger_layer():
