@@ -29,7 +29,7 @@ from .collection import MemberOptions, is_tree, map_members, member_data, write_
 from .queries import as_texts, describe_queries, parse_queries, query_vector
 from .registry import register
 
-__all__ = ["SimilarityOptions", "run_similarity", "similarity"]
+__all__ = ["SimilarityOptions", "cosine_map", "run_similarity", "similarity"]
 
 
 def _is_array(value: Any) -> bool:
@@ -274,7 +274,7 @@ def _reference_map(
                 f"The query has {vector.shape[0]} features but a member has {data.shape[0]}; "
                 "compare members made with one backbone."
             )
-        return _cosine(arr, data, da.from_array(vector, chunks=-1), what, dtype)
+        return cosine_map(arr, data, da.from_array(vector, chunks=-1), what, dtype)
 
     return one
 
@@ -305,13 +305,32 @@ def _similarity(
         sy, sx = _query_box(options.box, shape)
         query = data[:, sy, sx].astype(np.float32).mean(axis=(1, 2))
         what = {"query_box": [sy.start, sx.start, sy.stop, sx.stop]}
-    return _cosine(features, data, query.rechunk(-1), what, dtype)
+    return cosine_map(features, data, query.rechunk(-1), what, dtype)
 
 
-def _cosine(
+def cosine_map(
     features: xr.DataArray, data: da.Array, query: da.Array, what: dict, dtype: np.dtype
 ) -> xr.DataArray:
-    """The lazy cosine map of ``data`` to the (one-chunk) ``query`` vector."""
+    """The lazy cosine similarity of every cell of ``data`` to one query vector.
+
+    Parameters
+    ----------
+    features : xarray.DataArray
+        The ``(feature, y, x)`` features ``data`` comes from (coordinates and attributes).
+    data : dask.array.Array
+        Its ``(feature, y, x)`` values, the feature axis one chunk.
+    query : dask.array.Array
+        The ``(feature,)`` query vector, one chunk.
+    what : dict
+        The attributes of the result (how the query was made).
+    dtype : numpy.dtype
+        The result's dtype.
+
+    Returns
+    -------
+    xarray.DataArray
+        ``(y, x)`` similarity named ``similarity``, one task per ``(y, x)`` chunk.
+    """
     out = da.blockwise(
         _cosine_block,
         "yx",

@@ -62,6 +62,7 @@ __all__ = [
     "grid_placement",
     "has_pixel_size",
     "in_physical_units",
+    "levels_above",
     "napari_get_physical_reader",
     "napari_get_reader",
     "napari_get_stack_reader",
@@ -399,16 +400,16 @@ def level_plan(side: int, cell_bytes: float) -> tuple[int, int]:
     >>> level_plan(25000, 768), level_plan(25000, 4), level_plan(900, 4)
     ((6, 1), (6, 4), (1, 1))
     """
-    n_levels = _levels_above(side, MULTISCALE_PX)
-    n_all = max(n_levels, _levels_above(side, PLACEHOLDER_PX))
+    n_levels = levels_above(side, MULTISCALE_PX)
+    n_all = max(n_levels, levels_above(side, PLACEHOLDER_PX))
     first = placeholder_from(n_all, cell_bytes)
     return (n_all, first) if first < n_all else (n_levels, min(first, n_levels))
 
 
-def _levels_above(side: int, px: int) -> int:
+def levels_above(side: int, px: int) -> int:
     """Pyramid levels (each 2x smaller) of a ``side``-cell array until a side is <= ``px``.
 
-    >>> _levels_above(25000, 4096), _levels_above(25000, 1024), _levels_above(900, 1024)
+    >>> levels_above(25000, 4096), levels_above(25000, 1024), levels_above(900, 1024)
     (4, 6, 1)
     """
     n = 1

@@ -55,7 +55,7 @@ from ..analysis.collection import check_settings
 from ..analysis.kmeans import write_clusters
 from ..analysis.pca import write_pca
 from ..analysis.segment import write_segmentation
-from ..analysis.similarity import _cosine, run_similarity
+from ..analysis.similarity import cosine_map, run_similarity
 from ..errors import InputError
 from ..io.collection import open_collection
 from ..io.store import open_features
@@ -364,7 +364,7 @@ class Session:
         def apply(features: xr.DataArray) -> xr.DataArray:
             features, fdata = feature_data(features)
             q = da.from_array(query, chunks=-1)
-            return _cosine(features, fdata, q, dict(sim.attrs), np.dtype(np.float32))
+            return cosine_map(features, fdata, q, dict(sim.attrs), np.dtype(np.float32))
 
         info = {"points": cells.tolist()}
         return self._keep(Result("similarity", apply(self.features), info=info, apply=apply))
@@ -496,8 +496,8 @@ class Session:
             result.chunks = self._chunk_results(result)
         side = max(self.grid.shape)
         n_levels = max(
-            _reader._levels_above(side, _reader.MULTISCALE_PX),
-            _reader._levels_above(side, _reader.PLACEHOLDER_PX),
+            _reader.levels_above(side, _reader.MULTISCALE_PX),
+            _reader.levels_above(side, _reader.PLACEHOLDER_PX),
             2,
         )
         # napari computes the coarsest level whole on the GUI thread (its thumbnail) when
