@@ -46,6 +46,20 @@ _PLUGIN = "hrdv2-dask"
 _SHOW_AFTER_MS = 15
 
 
+#: Shown when a big store opens under napari's default slicing (benchmarks/RESULTS.md, napari).
+_SYNC_HINT = (
+    "Big store: napari reads each new screen on its GUI thread (~1-2 s a screen); start napari "
+    "with NAPARI_ASYNC=1 (or Preferences > Experimental) to read in the background."
+)
+
+
+def _async_slicing() -> bool:
+    """Whether napari slices layers in a worker thread (its experimental async setting)."""
+    from napari.settings import get_settings
+
+    return bool(getattr(get_settings().experimental, "async_", False))
+
+
 def _notify_error(message: str) -> None:
     from napari.utils.notifications import show_error
 
@@ -292,6 +306,8 @@ class Hrdv2Widget(QWidget):
         feats = [ly for ly in layers if ly.metadata.get("hrdv2_kind") == "features"]
         if feats:
             self.store_layer.setCurrentText(feats[0].name)
+            if feats[0].multiscale and not _async_slicing():
+                self.status.setText(_SYNC_HINT)
 
     def new_points(self) -> None:
         """A Points layer in add mode, for query points."""

@@ -216,3 +216,21 @@ def test_big_results_show_as_lazy_levels_over_their_view(
     np.testing.assert_array_equal(
         np.asarray(seg.data[0]), session.results["segmentation"].data.values
     )
+
+
+@pytest.mark.parametrize("async_slicing", [False, True])
+def test_a_big_store_under_default_slicing_says_how_to_read_in_the_background(
+    planted_store,  # noqa: F811
+    viewer_and_widget,
+    monkeypatch,
+    async_slicing,
+):
+    from hrdv2_dask.napari import _reader, _widget
+
+    monkeypatch.setattr(_reader, "MULTISCALE_PX", 8)  # the planted store opens as a pyramid
+    monkeypatch.setattr(_widget, "_async_slicing", lambda: async_slicing)
+    _, widget, _ = viewer_and_widget
+    widget.store_path.setText(str(planted_store[0]))
+    widget.open_store()
+    assert widget.viewer.layers[widget.store_layer.currentText()].multiscale
+    assert ("NAPARI_ASYNC=1" in widget.status.text()) is not async_slicing
