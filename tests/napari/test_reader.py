@@ -7,7 +7,6 @@ viewer test needs napari, pytest-qt and a display (``xvfb-run``) and skips witho
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -34,8 +33,6 @@ from hrdv2_dask.napari._reader import (  # noqa: E402
     path_kind,
     read_path,
 )
-
-MANIFEST = Path(__file__).resolve().parents[2] / "hrdv2_dask" / "napari.yaml"
 
 
 def _no_compute(*args, **kwargs):
@@ -283,18 +280,9 @@ def test_other_paths_are_not_ours(tmp_path, outputs_of_one_store):
         read_path(tmp_path / "plain")
 
 
-def test_viewer_opens_a_store_with_the_plugin(outputs_of_one_store, request):
-    pytest.importorskip("napari", exc_type=ImportError)  # also a napari whose Qt is broken
-    pytest.importorskip("pytestqt")
-    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
-        pytest.skip("no display: run under xvfb-run")
-    import npe2
-
-    pm = npe2.PluginManager.instance()
-    if "hrdv2-dask" not in pm._manifests:  # an install without this checkout's entry point
-        pm.register(npe2.PluginManifest.from_file(MANIFEST))
+def test_viewer_opens_a_store_with_the_plugin(outputs_of_one_store, plugin_viewer):
     root, _, _ = outputs_of_one_store
-    viewer = request.getfixturevalue("make_napari_viewer")()
+    viewer = plugin_viewer
     viewer.open(str(root / "f.zarr"), plugin="hrdv2-dask")
     viewer.open(str(root / "pca" / "pca.zarr"), plugin="hrdv2-dask")
     viewer.open(str(root / "km" / "clusters.zarr"), plugin="hrdv2-dask")
@@ -399,17 +387,8 @@ def test_physical_reader_declines_stores_without_a_pixel_size(tmp_path):
     assert kwargs["scale"] == (0.5, 0.25) and kwargs["units"] == ("micrometer", "micrometer")
 
 
-def test_viewer_places_layers_in_physical_units(physical_store, request):
-    pytest.importorskip("napari", exc_type=ImportError)
-    pytest.importorskip("pytestqt")
-    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
-        pytest.skip("no display: run under xvfb-run")
-    import npe2
-
-    pm = npe2.PluginManager.instance()
-    if "hrdv2-dask" not in pm._manifests:
-        pm.register(npe2.PluginManifest.from_file(MANIFEST))
-    viewer = request.getfixturevalue("make_napari_viewer")()
+def test_viewer_places_layers_in_physical_units(physical_store, plugin_viewer):
+    viewer = plugin_viewer
     viewer.open(str(physical_store), plugin="hrdv2-dask.get_physical_reader")
     source, feats = viewer.layers
     np.testing.assert_array_equal(feats.scale, [2.0, 1.0])

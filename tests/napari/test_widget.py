@@ -7,7 +7,6 @@ cleanly without them. The logic behind the buttons is tested without a viewer in
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -33,19 +32,10 @@ def test_manifest_is_valid_and_declares_the_widget():
 
 
 @pytest.fixture
-def viewer_and_widget(request):
-    pytest.importorskip("napari", exc_type=ImportError)  # also a napari whose Qt is broken
-    pytest.importorskip("pytestqt")
-    if not os.environ.get("DISPLAY") and os.environ.get("QT_QPA_PLATFORM") != "offscreen":
-        pytest.skip("no display: run under xvfb-run")
-    import npe2
-
+def viewer_and_widget(plugin_viewer, request):
     from hrdv2_dask.napari._widget import Hrdv2Widget
 
-    pm = npe2.PluginManager.instance()
-    if "hrdv2-dask" not in pm._manifests:  # an install without this checkout's entry point
-        pm.register(npe2.PluginManifest.from_file(MANIFEST))
-    viewer = request.getfixturevalue("make_napari_viewer")()
+    viewer = plugin_viewer
     widget = Hrdv2Widget(viewer)
     viewer.window.add_dock_widget(widget, name="HR-Dv2 analysis")
     qtbot = request.getfixturevalue("qtbot")
