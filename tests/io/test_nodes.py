@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import zarr
@@ -74,10 +76,9 @@ def _with_zarr(path, bias) -> None:
     return created
 
 
-def test_create_and_finish_write_the_bytes_zarr_writes(tmp_path):
-    bias = np.arange(5 * 3 * 4 * 4, dtype=np.float32).reshape(5, 3, 4, 4)
-    created = _with_zarr(tmp_path / "zarr", bias)
-    store = RunStore(tmp_path / "nodes", settings=SETTINGS)
+def _created(path: Path, **kwargs) -> RunStore:
+    """A new store of the module's settings and shapes."""
+    store = RunStore(path, settings=SETTINGS)
     store.create(
         provenance=PROV,
         shape=SHAPE,
@@ -85,8 +86,15 @@ def test_create_and_finish_write_the_bytes_zarr_writes(tmp_path):
         dtype="float16",
         blocks=BLOCKS,
         halo_shapes=HALOS,
-        saved={"token_bias": bias},
+        **kwargs,
     )
+    return store
+
+
+def test_create_and_finish_write_the_bytes_zarr_writes(tmp_path):
+    bias = np.arange(5 * 3 * 4 * 4, dtype=np.float32).reshape(5, 3, 4, 4)
+    created = _with_zarr(tmp_path / "zarr", bias)
+    store = _created(tmp_path / "nodes", saved={"token_bias": bias})
     assert _files(tmp_path / "nodes") == created  # 8 documents and the saved array's chunks
     store.finish()
     assert store.complete
@@ -96,15 +104,7 @@ def test_create_and_finish_write_the_bytes_zarr_writes(tmp_path):
 
 
 def test_block_writes_read_back_through_zarr(tmp_path):
-    store = RunStore(tmp_path / "s", settings=SETTINGS)
-    store.create(
-        provenance=PROV,
-        shape=SHAPE,
-        chunks=CHUNKS,
-        dtype="float16",
-        blocks=BLOCKS,
-        halo_shapes=HALOS,
-    )
+    store = _created(tmp_path / "s")
     rng = np.random.default_rng(0)
     halo = {k: rng.random(v).astype(np.float32) for k, v in HALOS.items()}
     values = rng.random((8, 36, 22)).astype(np.float16)  # the bottom-right block, clipped
@@ -124,15 +124,7 @@ def test_block_writes_read_back_through_zarr(tmp_path):
 
 def test_a_store_of_an_older_version_resumes_through_zarr(tmp_path):
     """Its bookkeeping arrays are compressed: the block tasks write them through Zarr."""
-    store = RunStore(tmp_path / "s", settings=SETTINGS)
-    store.create(
-        provenance=PROV,
-        shape=SHAPE,
-        chunks=CHUNKS,
-        dtype="float16",
-        blocks=BLOCKS,
-        halo_shapes=HALOS,
-    )
+    store = _created(tmp_path / "s")
     run = zarr.open_group(tmp_path / "s" / "_run", mode="r+")
     for name, hshape in HALOS.items():
         run.create_array(
