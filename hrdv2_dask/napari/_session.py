@@ -262,21 +262,61 @@ class Grid:
         return rows, cols, crop
 
     def scribbles_layer(
-        self, stride: int, max_pixels: int = 64_000_000
+        self,
+        stride: int,
+        max_pixels: int = 64_000_000,
+        around: tuple[slice, slice] | None = None,
     ) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
         """``(shape, scale, translate)`` of a new empty scribbles layer: on the source pixels
         (``stride`` per cell) when there are at most ``max_pixels`` of them, else on the cells.
 
+        A grid of more than ``max_pixels`` cells (a gigapixel store: 625 MB of zeros for
+        napari at 25,000² cells) gets a layer over the cells ``around`` only (the view; None:
+        the middle), grown by its own size on each side, up to ``max_pixels``, on the source
+        pixels where they fit: :meth:`scribbles` takes a layer of any extent on the lattice.
+
         >>> Grid((10, 12), (4.0, 4.0), (1.5, 1.5)).scribbles_layer(4)
         ((40, 48), (1.0, 1.0), (0.0, 0.0))
+        >>> g = Grid((1000, 1000), (4.0, 4.0), (1.5, 1.5))
+        >>> g.scribbles_layer(4, max_pixels=10_000, around=(slice(500, 510), slice(0, 20)))
+        ((30, 40), (4.0, 4.0), (1961.5, 1.5))
+        >>> g.scribbles_layer(4, max_pixels=10_000, around=(slice(0, 1000), slice(0, 1000)))[0]
+        (100, 100)
         """
+        rows, cols = slice(0, self.shape[0]), slice(0, self.shape[1])
+        if self.shape[0] * self.shape[1] > max_pixels:
+            rows, cols = self._around(around, max_pixels)
+        n = (rows.stop - rows.start, cols.stop - cols.start)
         sub = max(1, int(stride))
-        if self.shape[0] * self.shape[1] * sub * sub > max_pixels:
+        if n[0] * n[1] * sub * sub > max_pixels:
             sub = 1
-        shape = (self.shape[0] * sub, self.shape[1] * sub)
+        shape = (n[0] * sub, n[1] * sub)
         px = (self.scale[0] / sub, self.scale[1] / sub)
-        translate = tuple(self.translate[a] - self.scale[a] / 2 + px[a] / 2 for a in range(2))
+        first = (rows.start, cols.start)
+        translate = tuple(
+            self.translate[a] + (first[a] - 0.5) * self.scale[a] + px[a] / 2 for a in range(2)
+        )
         return shape, px, (translate[0], translate[1])
+
+    def _around(self, around: tuple[slice, slice] | None, max_pixels: int) -> tuple[slice, slice]:
+        """The cells ``around`` grown by their size on each side, at most ``max_pixels``."""
+        if around is None:
+            side = max(1, math.isqrt(max_pixels) // 3)
+            around = tuple(
+                slice(max(0, (n - side) // 2), (n - side) // 2 + side) for n in self.shape
+            )
+        grown = []
+        for sl, n in zip(around, self.shape, strict=True):
+            lo, hi = int(sl.start or 0), int(sl.stop if sl.stop is not None else n)
+            grown.append([max(0, lo - (hi - lo)), min(n, hi + (hi - lo))])
+        area = (grown[0][1] - grown[0][0]) * (grown[1][1] - grown[1][0])
+        if area > max_pixels:  # both axes shrunk alike, about their middle
+            f = math.sqrt(max_pixels / area)
+            for g in grown:
+                keep = max(1, int((g[1] - g[0]) * f))
+                g[0] = (g[0] + g[1] - keep) // 2
+                g[1] = g[0] + keep
+        return slice(*grown[0]), slice(*grown[1])
 
 
 @dataclass
@@ -340,10 +380,12 @@ class Session:
         """The store's ``out_stride``: source pixels per cell."""
         return int(self.features.attrs.get("out_stride", 1))
 
-    def scribbles_layer(self) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
-        """``(shape, scale, translate)`` of an empty scribbles layer (see
-        :meth:`Grid.scribbles_layer`)."""
-        return self.grid.scribbles_layer(self.stride)
+    def scribbles_layer(
+        self, around: tuple[slice, slice] | None = None
+    ) -> tuple[tuple[int, int], tuple[float, float], tuple[float, float]]:
+        """``(shape, scale, translate)`` of an empty scribbles layer (around the cells in
+        view on a gigapixel store; see :meth:`Grid.scribbles_layer`)."""
+        return self.grid.scribbles_layer(self.stride, around=around)
 
     @property
     def name(self) -> str:

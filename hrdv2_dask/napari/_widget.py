@@ -320,7 +320,8 @@ class Hrdv2Widget(QWidget):
     def new_scribbles(self) -> None:
         """An empty Labels layer on the features' pixel lattice, in paint mode."""
         try:
-            shape, scale, translate = self.session().scribbles_layer()
+            session = self.session()
+            shape, scale, translate = session.scribbles_layer(self._view_window(session))
         except Exception as err:  # noqa: BLE001
             self._error(one_line(err))
             return

@@ -214,6 +214,27 @@ def test_scribbles_on_source_pixels_on_cells_and_on_a_bigger_layer():
     assert phys.scribbles_layer(2) == ((8, 10), (2.5, 2.5), (1.25, 1.25))
 
 
+def test_a_gigapixel_grid_gets_a_scribbles_layer_around_the_view_that_trains_alike():
+    """Above max_pixels cells the layer covers the view grown by its size (not 625 MB of
+    zeros); strokes on it give the cells and labels the same strokes give on a whole layer."""
+    g = Grid((300, 400), (4.0, 4.0), (1.5, 1.5))
+    view = (slice(100, 120), slice(200, 230))
+    shape, scale, translate = g.scribbles_layer(4, max_pixels=100_000, around=view)
+    assert shape == (60 * 4, 90 * 4) and scale == (1.0, 1.0)  # 60 x 90 cells, source pixels
+    assert translate == (80 * 4.0, 170 * 4.0)  # cell 80's first source pixel
+    full_shape, full_scale, full_translate = g.scribbles_layer(4, max_pixels=10**9)
+    assert full_shape == (1200, 1600) and full_translate == (0.0, 0.0)
+    whole, crop = np.zeros(full_shape, np.uint8), np.zeros(shape, np.uint8)
+    for label, (y, x) in ((1, (410, 810)), (2, (470, 900))):  # world = source pixels here
+        whole[y : y + 5, x : x + 9] = label
+        cy, cx = y - int(translate[0]), x - int(translate[1])
+        crop[cy : cy + 5, cx : cx + 9] = label
+    r1, c1, l1 = g.scribbles(whole, full_scale, full_translate)
+    r2, c2, l2 = g.scribbles(crop, scale, translate)
+    assert (r1, c1) == (r2, c2) == (slice(102, 119), slice(202, 228))
+    np.testing.assert_array_equal(l1, l2)
+
+
 @pytest.fixture(scope="module")
 def planted_store(tmp_path_factory):
     """MeanPool features (stride 7) of the planted two-texture image, extracted for real."""
