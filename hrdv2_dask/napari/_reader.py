@@ -336,12 +336,8 @@ def central_limits(data: da.Array) -> tuple[float, float]:
     >>> [round(v) for v in central_limits(data)]  # the chunk [5:10, 5:10]: 55 ... 99
     [55, 99]
     """
-    index = []
-    for size, chunks in zip(data.shape, data.chunks, strict=True):
-        edges = np.cumsum((0, *chunks))
-        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
-        index.append(slice(int(edges[j]), int(edges[j + 1])))
-    block = np.asarray(data[tuple(index)].compute(scheduler="sync"), np.float64)
+    index = _centre_index(data.shape, data.chunks)
+    block = np.asarray(data[index].compute(scheduler="sync"), np.float64)
     finite = block[np.isfinite(block)]
     if finite.size == 0:
         return 0.0, 1.0
@@ -418,14 +414,19 @@ def levels_above(side: int, px: int) -> int:
     return n
 
 
+def _centre_index(shape: Sequence[int], chunks: Sequence[Sequence[int]]) -> tuple[slice, ...]:
+    """The slices of the chunk holding the centre of an array of ``shape`` and ``chunks``."""
+    index = []
+    for size, sides in zip(shape, chunks, strict=True):
+        edges = np.cumsum((0, *sides))
+        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(sides) - 1)
+        index.append(slice(int(edges[j]), int(edges[j + 1])))
+    return tuple(index)
+
+
 def _centre_chunk(features: da.Array) -> da.Array:
     """The ``(feature, y, x)`` chunk holding the centre cell."""
-    index = [slice(None)]
-    for size, chunks in zip(features.shape[1:], features.chunks[1:], strict=True):
-        edges = np.cumsum((0, *chunks))
-        j = min(int(np.searchsorted(edges, size // 2, "right")) - 1, len(chunks) - 1)
-        index.append(slice(int(edges[j]), int(edges[j + 1])))
-    return features[tuple(index)]
+    return features[(slice(None), *_centre_index(features.shape[1:], features.chunks[1:]))]
 
 
 def _source_layer(arr: xr.DataArray, name: str) -> LayerData | None:

@@ -323,17 +323,18 @@ class Grid:
 class Result:
     """One analysis result of a session: a lazy ``(y, x)`` (or ``(y, x, rgb)``) array.
 
-    ``model`` is the fitted model (None for similarity), ``info`` what the fit reports
-    (query cells, training accuracy...), ``apply`` the per-cell function that made ``data``
-    from the features, when there is one (then a view runs it on the cells shown only);
-    ``chunks`` the kept chunks of ``data`` once it is shown lazily (:meth:`Session.full`).
+    ``apply`` is the per-cell function that made ``data`` from the features (a view runs
+    it on the cells shown only, a lazy level on each chunk's own features), ``model`` the
+    fitted model (None for similarity), ``info`` what the fit reports (query cells, training
+    accuracy...), ``chunks`` the kept chunks of ``data`` once it is shown lazily
+    (:meth:`Session.full`).
     """
 
     kind: str
     data: xr.DataArray
+    apply: Callable[[xr.DataArray], xr.DataArray] = field(repr=False)
     model: Any = None
     info: dict[str, Any] = field(default_factory=dict)
-    apply: Callable[[xr.DataArray], xr.DataArray] | None = field(default=None, repr=False)
     chunks: ChunkResults | None = field(default=None, repr=False)
 
     @property
@@ -409,7 +410,7 @@ class Session:
             return cosine_map(features, fdata, q, dict(sim.attrs), np.dtype(np.float32))
 
         info = {"points": cells.tolist()}
-        return self._keep(Result("similarity", apply(self.features), info=info, apply=apply))
+        return self._keep(Result("similarity", apply(self.features), apply, info=info))
 
     def segment(
         self,
@@ -471,7 +472,7 @@ class Session:
         def apply(features: xr.DataArray) -> xr.DataArray:
             return pca_rgb(features, model) if kind == "pca" else model.predict(features)
 
-        return self._keep(Result(kind, apply(self.features), model, info, apply))
+        return self._keep(Result(kind, apply(self.features), apply, model, info))
 
     def _keep(self, result: Result) -> Result:
         self.results[result.kind] = result
@@ -494,17 +495,15 @@ class Session:
         """The cells of ``window`` (from :meth:`Grid.window`), computed, and their placement.
 
         At full resolution (step 1) of a lazily shown result, its kept chunks (computed where
-        missing: napari then draws them without computing); else a model runs on those
-        cells only (every ``step``-th); the chunks they lie in are read.
+        missing: napari then draws them without computing); else the result's function runs
+        on those cells only (every ``step``-th); the chunks they lie in are read.
         """
         rows, cols = window
         if result.chunks is not None and rows.step == cols.step == 1:
             data = result.chunks.region(rows.start, rows.stop, cols.start, cols.stop)
             data = data[..., :3] if result.kind == "pca" else data  # without full()'s alpha
-        elif result.apply is not None:
-            data = np.asarray(result.apply(self.features.isel(y=rows, x=cols)).values)
         else:
-            data = np.asarray(result.data.isel(y=rows, x=cols).values)
+            data = np.asarray(result.apply(self.features.isel(y=rows, x=cols)).values)
         scale, translate = self.grid.placement(rows, cols)
         return data, {"scale": scale, "translate": translate}
 
@@ -554,10 +553,7 @@ class Session:
         features, rgba, apply = self.features, result.kind == "pca", result.apply
 
         def make(rows: slice, cols: slice) -> da.Array:
-            if apply is not None:
-                data = apply(features.isel(y=rows, x=cols)).data
-            else:  # slices of the whole grid's graph: slower (see ChunkResults)
-                data = result.data.data[rows, cols]
+            data = apply(features.isel(y=rows, x=cols)).data
             if rgba:
                 data = da.concatenate([data, da.full_like(data[..., :1], 255)], axis=2)
             return data

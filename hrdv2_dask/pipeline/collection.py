@@ -34,7 +34,7 @@ from ..transforms import TransformSet
 from .cluster import cluster_client, task_resources
 from .execute import Run
 from .extraction import _plan, deployment, load_recipe, prepare_blocks, split_options
-from .faults import is_store_fault, run_faults
+from .faults import error_line, is_store_fault, run_faults
 from .graph import SourceReader
 from .members import Member, list_members
 from .packs import PACK_WINDOWS, Pack, PackedMember, member_windows, run_pack
@@ -92,10 +92,6 @@ class _Job:
     error: str | None = None
     topic: str | None = None  # where its block tasks report their windows
     packed: PackedMember | None = None  # computed inside a pack
-
-
-def _one_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _root_settings(features: FeatureSettings, facts, tset, intensity: str) -> dict[str, Any]:
@@ -254,7 +250,7 @@ def _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, p
                 m.source, features.axes, level=level, plane=m.plane, channels=features.channels
             )
         except Hrdv2Error as err:
-            cstore.record(m.key, save=False, **_row(m, status="failed", error=_one_line(err)))
+            cstore.record(m.key, save=False, **_row(m, status="failed", error=error_line(err)))
             continue
         opened.append((m, data, meta, bool(row.get("status") == "failed")))
     value_range = features.value_range
@@ -282,7 +278,9 @@ def _plan_jobs(members, cstore, features, facts, transforms, intensity, retry, p
                     raise
                 run_store = RunStore(path, settings=plan.settings, overwrite=True)
         except Hrdv2Error as err:
-            cstore.record(m.key, save=False, **_row(m, meta, status="failed", error=_one_line(err)))
+            cstore.record(
+                m.key, save=False, **_row(m, meta, status="failed", error=error_line(err))
+            )
             continue
         if run_store.complete:  # finished just before an interruption could record it
             cstore.record(m.key, save=False, **_row(m, meta, status="done", error=None))
@@ -388,7 +386,7 @@ def _prepare_all(client, jobs: list[_Job], cstore, recipe, resources, progress, 
             except Exception as err:  # noqa: BLE001 - one member's failure is recorded
                 if is_store_fault(err):
                     raise  # the store's, not the member's: it ends the run
-                job.error = _one_line(err)
+                job.error = error_line(err)
                 cstore.record(job.member.key, status="failed", error=job.error)
         if pending:
             flush()
@@ -433,7 +431,7 @@ def _gather_all(gatherer, jobs: list[_Job], cstore, tasks: _Tasks) -> None:
                 raise result  # no space, read-only...: every member would fail the same way
             for n in owners:
                 left[n] -= 1
-                failed(n, _one_line(result))
+                failed(n, error_line(result))
             return
         errors = result if tasks.packed[k] else [None]
         for n, error in zip(owners, errors, strict=True):

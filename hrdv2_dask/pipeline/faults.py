@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import Hrdv2Error, RunError, StoreWriteError
 
-__all__ = ["describe_fault", "is_store_fault", "results_faults", "run_faults"]
+__all__ = ["describe_fault", "error_line", "is_store_fault", "results_faults", "run_faults"]
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,16 @@ def describe_fault(
 
 
 _STORE_ERRNOS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT)
+
+
+def error_line(err: BaseException) -> str:
+    """A failed member's error, as the members table records it: its type and its message on
+    one line.
+
+    >>> error_line(ValueError("bad   tile "))
+    'ValueError: bad tile'
+    """
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def is_store_fault(err: BaseException) -> bool:

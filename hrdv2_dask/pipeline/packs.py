@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ..io.store import BlockWriter
-from .faults import is_store_fault
+from .faults import error_line, is_store_fault
 from .graph import BlockPlan, block_windows_count, load_block_halo, run_block
 
 __all__ = ["PACK_WINDOWS", "Pack", "PackedMember", "member_windows", "run_pack"]
@@ -108,7 +108,7 @@ def run_pack(pack: Pack, *, backbone: Any) -> list[str | None]:
         except Exception as err:  # noqa: BLE001 - one member's failure is recorded
             if is_store_fault(err):
                 raise
-            out.append(f"{type(err).__name__}: {' '.join(str(err).split())}")
+            out.append(error_line(err))
         else:
             out.append(None)
     return out
